@@ -1,0 +1,176 @@
+"""The agent: a world model and an actor-critic trained together by one optimiser (SPEC §1).
+
+One update, read top to bottom in `losses` and `training_step`:
+  1. world-model loss on a replayed (B, T) batch, with the objective's terms;
+  2. imagination from every posterior state (B * T starts, horizon 15), no gradient;
+  3. actor (REINFORCE) and critic losses on the imagined rollouts;
+  4. replay-value loss: the critic on the real sequence, its gradient reaching the world model;
+  5. one backward over the sum, one LaProp step (AGC + warm-up inside), slow-critic/EMA updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import NamedTuple
+
+import lightning as L
+import torch
+
+from wm.actor_critic import ActorCritic, ActorCriticConfig
+from wm.distributions import policy_mode
+from wm.objectives import Barlow, Objective
+from wm.optim import OptimizerConfig
+from wm.profiling import phase
+from wm.rssm import State
+from wm.sizes import model_size
+from wm.world_model import WorldModel, WorldModelConfig
+
+
+class ActState(NamedTuple):
+    """Recurrent state of one or more environments: latent state and previous action."""
+
+    latent: State
+    action: torch.Tensor
+
+
+class Agent(L.LightningModule):
+    """DreamerV3 core with a replaceable representation objective.
+
+    Args:
+        observation_shapes: observation key -> shape; (H, W, C) images, (D,) vectors.
+        action_dim: action dimensions (continuous) or number of actions (discrete).
+        discrete: categorical policy over one-hot actions instead of a bounded normal.
+        objective: the representation objective; R2-Dreamer's Barlow Twins by default.
+        size: model size preset, size1M ... size200M.
+        repval_scale: weight of the replay-value loss.
+    """
+
+    def __init__(
+        self,
+        observation_shapes: Mapping[str, tuple[int, ...]],
+        action_dim: int,
+        discrete: bool = False,
+        objective: Objective | None = None,
+        size: str = "size12M",
+        world_model: WorldModelConfig | None = None,
+        actor_critic: ActorCriticConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        repval_scale: float = 0.3,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        objective = objective if objective is not None else Barlow()
+        world_model = world_model or WorldModelConfig()
+        actor_critic = actor_critic or ActorCriticConfig()
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.save_hyperparameters(ignore=["objective", "world_model", "actor_critic", "optimizer"])
+        self.hparams.update(
+            observation_shapes={k: list(v) for k, v in observation_shapes.items()},
+            objective=objective.describe(),
+            world_model=asdict(world_model),
+            actor_critic=asdict(actor_critic),
+            optimizer=asdict(self.optimizer_config),
+        )
+        sizes = model_size(size)
+        self.action_dim, self.discrete = action_dim, discrete
+        self.world_model = WorldModel(observation_shapes, action_dim, discrete, sizes, objective, world_model)
+        self.actor_critic = ActorCritic(sizes.feat_dim, action_dim, discrete, sizes, actor_critic)
+
+    # ----------------------------------------------------------------------------- training
+    def configure_optimizers(self):
+        return self.optimizer_config.build([p for p in self.parameters() if p.requires_grad])
+
+    @torch.no_grad()
+    def imagine(self, start: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """Roll the policy out in the prior: features (N, H + 1, F) and actions (N, H, A)."""
+        feats, actions = [start.feat], []
+        state = start
+        for _ in range(self.actor_critic.config.horizon):
+            action = self.actor_critic.policy(state.feat).sample().to(state.deter.dtype)
+            state = self.world_model.rssm.img_step(state, action)
+            feats.append(state.feat)
+            actions.append(action)
+        return torch.stack(feats, 1), torch.stack(actions, 1)
+
+    def losses(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], State]:
+        """Total loss of one update, its logged terms and the posterior states (B, T)."""
+        batch_size, length = batch["reward"].shape
+        initial = State(batch["deter"], batch["stoch"]) if "deter" in batch else None
+        wm = self.world_model.loss(batch, initial)
+        start = wm.posterior.map(lambda x: x.detach().reshape(batch_size * length, *x.shape[2:]))
+        with phase("imagine"):
+            feat, action = self.imagine(start)
+            with torch.no_grad():
+                reward = self.world_model.predict_reward(feat)
+                cont = self.world_model.predict_continue(feat)
+            ac, returns = self.actor_critic.imagination_loss(feat, action, reward, cont)
+            boot = returns[:, 0].reshape(batch_size, length)
+            repval = self.actor_critic.replay_value_loss(
+                wm.posterior.feat, batch["reward"].float(), wm.cont, batch["is_last"], boot
+            )
+        total = wm.loss + ac["policy"] + ac["critic"] + self.hparams.repval_scale * repval
+        metrics = {f"world_model/{k}": v for k, v in wm.terms.items()}
+        metrics.update({f"actor_critic/{k}": v for k, v in ac.items()})
+        metrics.update({"actor_critic/repval": repval, "world_model/loss": wm.loss, "loss": total})
+        return total, metrics, wm.posterior
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        optimizer = self.optimizers()
+        total, metrics, posterior = self.losses(batch)
+        optimizer.zero_grad(set_to_none=True)
+        with phase("backward"):
+            self.manual_backward(total)
+        with phase("optimizer"):
+            optimizer.step()
+            self.actor_critic.update_slow_critic()
+            self.world_model.objective.after_update()
+        metrics["optimizer/lr"] = torch.tensor(optimizer.optimizer.current_lr(optimizer.param_groups[0]))
+        self.log_dict({f"train/{k}": v.detach() for k, v in metrics.items()})
+        # The posterior latents go back to the replay buffer (replay context).
+        return {"loss": total.detach(), "deter": posterior.deter.detach(), "stoch": posterior.stoch.detach()}
+
+    # ------------------------------------------------------------------------------- acting
+    def initial_state(self, batch: int) -> ActState:
+        return ActState(self.world_model.rssm.initial(batch, self.device), torch.zeros(batch, self.action_dim, device=self.device))
+
+    @torch.no_grad()
+    def act(self, obs: Mapping[str, torch.Tensor], state: ActState | None = None, mode: str = "sample") -> tuple[torch.Tensor, ActState]:
+        """One action per environment.
+
+        `obs` holds the observation keys with a leading env axis and `is_first` (N,): where it is
+        set the recurrent state restarts from zeros. `mode` is "sample" (training) or "greedy"
+        (evaluation). Continuous actions are clipped to [-1, 1]; discrete ones are one-hot.
+        """
+        if mode not in ("sample", "greedy"):
+            raise ValueError(f"act mode must be 'sample' or 'greedy', got {mode!r}")
+        is_first = obs["is_first"].to(self.device)
+        state = state if state is not None else self.initial_state(is_first.shape[0])
+        was_training = self.training
+        self.eval()  # BatchNorm (MuDreamer) uses its running statistics when acting
+        try:
+            embed = self.world_model.encoder({k: v.to(self.device) for k, v in self.world_model.encoder.select(obs).items()})
+            latent = self.world_model.rssm.obs_step(state.latent, state.action, embed, is_first)
+            dist = self.actor_critic.policy(latent.feat)
+            action = dist.sample() if mode == "sample" else policy_mode(dist)
+        finally:
+            self.train(was_training)
+        if not self.discrete:
+            action = action.clamp(-1.0, 1.0)
+        return action, ActState(latent, action)
+
+    # --------------------------------------------------------------------------- inspection
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per module (the slow critic and EMA teachers are not trained)."""
+        wm, ac = self.world_model, self.actor_critic
+        modules = {"encoder": wm.encoder, "rssm": wm.rssm, "reward": wm.reward, "continue": wm.cont}
+        modules.update(dict(wm.objective.named_children()))
+        modules.update({"actor": ac.actor, "critic": ac.critic})
+        counts = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in modules.items()}
+        return {name: n for name, n in counts.items() if n}
+
+    def parameter_table(self) -> str:
+        counts = self.parameter_counts()
+        rows = [f"{name:<12}{n / 1e6:>9.3f}M" for name, n in counts.items()]
+        rows.append(f"{'total':<12}{sum(counts.values()) / 1e6:>9.3f}M")
+        return "\n".join(rows)

@@ -1,0 +1,135 @@
+"""Speed and memory of a training update: `python -m wm.bench update --size size12M --objective barlow`.
+
+Runs real updates of the Lightning agent through a Trainer on a random replay batch and prints
+the median seconds per update after warm-up, the share of each phase and the peak memory.
+`python -m wm.bench params --size size12M` prints the per-module parameter table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from wm.agent import Agent
+from wm.objectives import OBJECTIVES, make_objective
+from wm.profiling import start_recording, stop_recording
+from wm.sizes import SIZES
+from wm.synthetic import random_batch
+
+PHASES = ("encode", "observe", "objective", "imagine", "backward", "optimizer")
+PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+class RepeatBatch(IterableDataset):
+    """The same batch forever: the benchmark measures the update, not the replay."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+class UpdateTimer(L.Callback):
+    """Wall time and phase times of every training batch."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.phases: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.current = start_recording()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self.start)
+        stop_recording()
+        self.phases.append(dict(self.current))
+
+
+def build_agent(args: argparse.Namespace) -> tuple[Agent, dict[str, tuple[int, ...]]]:
+    shapes = {"image": (args.image_size, args.image_size, 3)}
+    agent = Agent(shapes, args.action_dim, discrete=args.discrete, objective=make_objective(args.objective), size=args.size)
+    return agent, shapes
+
+
+def bench_update(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    agent, shapes = build_agent(args)
+    batch = random_batch(shapes, args.action_dim, args.discrete, args.batch, args.length)
+    timer = UpdateTimer()
+    trainer = L.Trainer(
+        accelerator=args.device,
+        devices=1,
+        precision=PRECISIONS[args.precision],
+        max_steps=args.warmup + args.updates,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(agent, DataLoader(RepeatBatch(batch), batch_size=None))
+    measured = timer.seconds[args.warmup :]
+    phases = timer.phases[args.warmup :]
+    median = statistics.median(measured)
+    print(f"objective {args.objective}  size {args.size}  B={args.batch} T={args.length}  "
+          f"precision {PRECISIONS[args.precision]}  device {args.device}  threads {torch.get_num_threads()}")
+    print(agent.parameter_table())
+    print(f"median seconds per update: {median:.3f}  (min {min(measured):.3f}, max {max(measured):.3f}, "
+          f"{len(measured)} updates after {args.warmup} warm-up)")
+    mean_total = statistics.fmean(measured)
+    shares = {name: statistics.fmean(p.get(name, 0.0) for p in phases) for name in PHASES}
+    shares["other"] = max(0.0, mean_total - sum(shares.values()))
+    for name, seconds in shares.items():
+        print(f"  {name:<10}{seconds:8.3f} s  {100 * seconds / mean_total:5.1f}%")
+    if args.device == "cuda":
+        print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    print(f"peak process RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def print_params(args: argparse.Namespace) -> None:
+    agent, _ = build_agent(args)
+    print(agent.parameter_table())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m wm.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["update", "params"])
+    parser.add_argument("--size", default="size12M", choices=list(SIZES))
+    parser.add_argument("--objective", default="barlow", choices=list(OBJECTIVES))
+    parser.add_argument("--precision", default="32", choices=list(PRECISIONS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--action-dim", type=int, default=6)
+    parser.add_argument("--discrete", action="store_true")
+    parser.add_argument("--updates", type=int, default=5, help="timed updates")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed updates first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    (bench_update if args.what == "update" else print_params)(args)
+
+
+if __name__ == "__main__":
+    main()

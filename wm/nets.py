@@ -1,0 +1,139 @@
+"""Building blocks shared by every network of the agent (SPEC §1 "Networks").
+
+RMSNorm after every hidden layer, SiLU activations and DreamerV3's truncated-normal fan-in
+initialisation. Layers take channels-last tensors with any number of leading dimensions, so
+the same module serves a (B, T, ...) sequence and a (B, ...) batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+TRUNC_NORMAL_STD = 1.1368  # makes a [-2, 2] truncated normal have unit variance
+
+
+def init_fan_in_(weight: torch.Tensor, fan_in: int, scale: float = 1.0) -> torch.Tensor:
+    """Truncated normal in [-2, 2] times 1.1368 * sqrt(1 / fan_in) * scale (scale 0 gives zeros)."""
+    with torch.no_grad():
+        if scale == 0.0:
+            return weight.zero_()
+        nn.init.trunc_normal_(weight, mean=0.0, std=1.0, a=-2.0, b=2.0)
+        return weight.mul_(TRUNC_NORMAL_STD * math.sqrt(1.0 / fan_in) * scale)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension, scale only (no offset), eps 1e-4."""
+
+    def __init__(self, dim: int, eps: float = 1e-4):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+        return (x * self.scale).to(dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with DreamerV3's fan-in initialisation and zero bias."""
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = True, outscale: float = 1.0):
+        super().__init__(in_dim, out_dim, bias=bias)
+        init_fan_in_(self.weight, in_dim, outscale)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class BlockLinear(nn.Module):
+    """Block-diagonal linear layer: `blocks` independent linears over equal slices of the input.
+
+    Used by the GRU so that a 2048-wide state costs 1/8 of a dense layer.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, blocks: int):
+        super().__init__()
+        if in_dim % blocks or out_dim % blocks:
+            raise ValueError(f"BlockLinear: {in_dim=} and {out_dim=} must divide by {blocks=}")
+        self.blocks = blocks
+        self.weight = nn.Parameter(torch.empty(blocks, in_dim // blocks, out_dim // blocks))
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+        init_fan_in_(self.weight, in_dim // blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.blocks, x.shape[-1] // self.blocks).transpose(0, 1)  # (G, N, in/G)
+        y = torch.bmm(x, self.weight.to(x.dtype)).transpose(0, 1)  # (N, G, out/G)
+        return y.reshape(*lead, -1) + self.bias.to(y.dtype)
+
+
+class NormAct(nn.Sequential):
+    """RMSNorm then SiLU: what follows every hidden layer."""
+
+    def __init__(self, dim: int):
+        super().__init__(RMSNorm(dim), nn.SiLU())
+
+
+class MLP(nn.Sequential):
+    """`layers` x (Linear(units) + RMSNorm + SiLU). Zero layers is the identity."""
+
+    def __init__(self, in_dim: int, units: int, layers: int):
+        modules: list[nn.Module] = []
+        for i in range(layers):
+            modules += [Linear(in_dim if i == 0 else units, units), NormAct(units)]
+        super().__init__(*modules)
+        self.out_dim = units if layers else in_dim
+
+
+class Head(nn.Module):
+    """MLP trunk plus an output layer; `outscale` 0 zero-initialises the output (reward, value)."""
+
+    def __init__(self, in_dim: int, out_dim: int, units: int, layers: int, outscale: float = 1.0):
+        super().__init__()
+        self.trunk = MLP(in_dim, units, layers)
+        self.out = Linear(self.trunk.out_dim, out_dim, outscale=outscale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.trunk(x))
+
+
+class Conv2d(nn.Conv2d):
+    """Same-padded conv with fan-in initialisation; input and output are NCHW."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 5):
+        super().__init__(in_ch, out_ch, kernel, padding=kernel // 2)
+        init_fan_in_(self.weight, in_ch * kernel * kernel)
+        nn.init.zeros_(self.bias)
+
+
+class ChannelNorm(nn.Module):
+    """Normalisation over the channels of an NCHW map: RMSNorm per pixel, or BatchNorm2d.
+
+    BatchNorm is MuDreamer's switch against representation collapse (SPEC §2).
+    """
+
+    def __init__(self, channels: int, kind: str = "rms"):
+        super().__init__()
+        if kind not in ("rms", "batch"):
+            raise ValueError(f"unknown norm {kind!r}: use 'rms' or 'batch'")
+        self.kind = kind
+        self.norm = RMSNorm(channels) if kind == "rms" else nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "batch":
+            return self.norm(x)
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) * log(1 + |x|): compresses large magnitudes, identity near zero."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of symlog: sign(x) * (exp(|x|) - 1)."""
+    return torch.sign(x) * torch.expm1(x.abs())

@@ -1,0 +1,24 @@
+"""Representation objectives: the one component that differs between the three agents.
+
+Pick one in a config by class path, e.g. `objective: {class_path: wm.objectives.Barlow}`.
+A new objective is one new file with a subclass of `Objective`.
+"""
+
+from wm.objectives.barlow import Barlow
+from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
+from wm.objectives.mudreamer import MuDreamer
+from wm.objectives.none import NoObjective
+from wm.objectives.reconstruction import Reconstruction
+
+OBJECTIVES = {"barlow": Barlow, "reconstruction": Reconstruction, "mudreamer": MuDreamer, "none": NoObjective}
+
+
+def make_objective(name: str, **kwargs) -> Objective:
+    """Objective by its short name (barlow, reconstruction, mudreamer, none)."""
+    try:
+        return OBJECTIVES[name](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}") from None
+
+
+__all__ = ["Barlow", "ModelDims", "MuDreamer", "NoObjective", "OBJECTIVES", "Objective", "ObjectiveInputs", "Reconstruction", "make_objective"]

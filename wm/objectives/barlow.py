@@ -1,0 +1,48 @@
+"""R2-Dreamer: Barlow Twins redundancy reduction between the latent state and the embedding."""
+
+from __future__ import annotations
+
+import torch
+
+from wm.nets import Linear
+from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
+
+
+def standardize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean and unit (unbiased) standard deviation per column."""
+    return (x - x.mean(0)) / (x.std(0) + eps)
+
+
+def barlow_twins_loss(a: torch.Tensor, b: torch.Tensor, off_diagonal: float) -> torch.Tensor:
+    """sum_i (1 - C_ii)^2 + off_diagonal * sum_{i != j} C_ij^2 with C = std(a)^T std(b) / N.
+
+    `a` and `b` are (N, D) samples of two views of the same thing.
+    """
+    a, b = standardize(a.float()), standardize(b.float())
+    c = a.T @ b / a.shape[0]
+    diagonal = torch.diagonal(c)
+    on = (1.0 - diagonal).square().sum()
+    off = c.square().sum() - diagonal.square().sum()
+    return on + off_diagonal * off
+
+
+class Barlow(Objective):
+    """k_t = W feat_t (bias-free projector to the embedding size), loss BT(k_t, sg(e_t)).
+
+    The embedding is a detached target: the encoder learns only through the posterior.
+    No decoder and, by default, no augmentation.
+    """
+
+    def __init__(self, scale: float = 0.05, off_diagonal: float = 5e-4, augment: bool = False):
+        super().__init__(augment=augment)
+        self.scale, self.off_diagonal = scale, off_diagonal
+        self.scales = {"barlow": scale}
+
+    def build(self, dims: ModelDims) -> None:
+        self.projector = Linear(dims.feat_dim, dims.embed_dim, bias=False)
+
+    def forward(self, inputs: ObjectiveInputs) -> dict[str, torch.Tensor]:
+        feat = inputs.posterior.feat
+        projected = self.projector(feat.reshape(-1, feat.shape[-1]))
+        target = inputs.embed.reshape(-1, inputs.embed.shape[-1]).detach()
+        return {"barlow": barlow_twins_loss(projected, target, self.off_diagonal)}

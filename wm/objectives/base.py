@@ -1,0 +1,90 @@
+"""The interface of a representation objective: the single point where the three methods differ.
+
+An objective is built after the shared core (it needs the core's sizes), receives everything the
+world model computed on a replayed batch, and returns its named loss terms. It may also ask the
+core for a different encoder norm or KL weights and augment the encoder's input; nothing else
+of the core knows which objective is in use.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wm.augment import random_shift
+from wm.rssm import State
+from wm.sizes import ModelSize
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes of the shared core that an objective's networks are built for."""
+
+    size: ModelSize
+    observation_shapes: Mapping[str, tuple[int, ...]]
+    embed_dim: int
+    action_dim: int
+    discrete: bool
+
+    @property
+    def feat_dim(self) -> int:
+        return self.size.feat_dim
+
+
+@dataclass
+class ObjectiveInputs:
+    """What the world model computed on a (B, T) batch, handed to the objective."""
+
+    obs: Mapping[str, torch.Tensor]  # raw observations, images uint8 (B, T, H, W, C)
+    embed: torch.Tensor  # encoder output e_t, (B, T, E)
+    posterior: State  # posterior states s_t, (B, T)
+    prev_feat: torch.Tensor  # feat of s_{t-1} (the initial state at t = 0), (B, T, F)
+    action: torch.Tensor  # a_{t-1}: the action that led to o_t, (B, T, A)
+    reward: torch.Tensor  # (B, T)
+    cont: torch.Tensor  # discounted continue target (1 - 1/H)(1 - terminal), (B, T)
+    is_first: torch.Tensor  # (B, T)
+    is_last: torch.Tensor  # (B, T)
+
+
+class Objective(nn.Module):
+    """Base class. Subclasses set `scales`, build their networks in `build` and return unscaled
+    loss terms from `forward`; the world model adds sum(scales[k] * terms[k]) to its loss.
+
+    `augment` turns on random-shift augmentation of the encoder's input images (the R2-Dreamer
+    paper's ablation), for any objective.
+    """
+
+    scales: dict[str, float] = {}
+    encoder_norm: str = "rms"  # "batch" puts BatchNorm in the encoder (MuDreamer)
+    kl_dyn: float | None = None  # KL weights that replace the core's defaults when set
+    kl_rep: float | None = None
+
+    def __init__(self, augment: bool = False):
+        super().__init__()
+        self.augment = augment
+
+    def build(self, dims: ModelDims) -> None:
+        """Create the objective's networks for the core's sizes."""
+
+    def encoder_input(self, obs: Mapping[str, torch.Tensor], image_keys: list[str]) -> Mapping[str, torch.Tensor]:
+        """The observations the encoder sees during training."""
+        if not self.augment:
+            return obs
+        return {k: random_shift(v) if k in image_keys else v for k, v in obs.items()}
+
+    def forward(self, inputs: ObjectiveInputs) -> dict[str, torch.Tensor]:
+        """Unscaled scalar loss terms, by name."""
+        return {}
+
+    def after_update(self) -> None:
+        """Called after every optimiser step (EMA teachers)."""
+
+    def describe(self) -> dict:
+        """{'class_path', 'init_args'}: how to rebuild this objective (saved in checkpoints)."""
+        params = inspect.signature(type(self).__init__).parameters
+        init_args = {name: getattr(self, name) for name in params if name != "self"}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}

@@ -1,0 +1,105 @@
+"""MuDreamer: no reconstruction; value and previous-action prediction shape the representation."""
+
+from __future__ import annotations
+
+import torch
+
+from wm.decoder import MultiDecoder
+from wm.distributions import TwoHot, continuous_policy, discrete_policy, symexp_bins
+from wm.nets import Head
+from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
+from wm.returns import ema_update_, frozen_copy, lambda_return
+
+
+def action_nll(raw: torch.Tensor, target: torch.Tensor, discrete: bool, unimix: float = 0.01) -> torch.Tensor:
+    """Negative log-likelihood of `target` under the policy's distribution family.
+
+    Continuous: bounded normal (mean tanh(mu), std 0.9 sigmoid(x + 2) + 0.1), dims summed.
+    Discrete: categorical with `unimix` over one-hot targets.
+    """
+    dist = discrete_policy(raw, unimix) if discrete else continuous_policy(raw)
+    if not discrete:
+        # The policy's samples are clipped to [-1, 1] before they reach the env and the buffer;
+        # keep targets strictly inside the support of the normal's mean.
+        target = target.clamp(-1.0, 1.0)
+    return -dist.log_prob(target.float())
+
+
+class MuDreamer(Objective):
+    """MuDreamer's representation objective (SPEC §2).
+
+    - value head: predicts the lambda-return of the replayed sequence, computed from the real
+      rewards and continues and bootstrapped from an EMA teacher of the head (two-hot
+      cross-entropy). It shapes the representation only; acting uses the actor-critic's critic.
+    - action head: predicts a_{t-1} from (e_t, s_{t-1}) (inverse dynamics), NLL of the policy's
+      distribution family, skipped where an episode starts (no previous action).
+    - BatchNorm in the encoder instead of RMSNorm.
+    - optional decoder on sg(s_t) for visualisation only: it trains itself, nothing else.
+    - KL weights 0.95 / 0.05.
+    Head depths, loss scales and the teacher rate are not published: defaults are the critic's
+    depth (3 layers), scale 1 and the slow critic's rate 0.02.
+    """
+
+    def __init__(
+        self,
+        value_head: bool = True,
+        action_head: bool = True,
+        batchnorm: bool = True,
+        decoder: bool = False,
+        value_scale: float = 1.0,
+        action_scale: float = 1.0,
+        head_layers: int = 3,
+        teacher_rate: float = 0.02,
+        lam: float = 0.95,
+        kl_dyn: float = 0.95,
+        kl_rep: float = 0.05,
+        augment: bool = False,
+    ):
+        super().__init__(augment=augment)
+        self.value_head, self.action_head, self.batchnorm, self.decoder = value_head, action_head, batchnorm, decoder
+        self.value_scale, self.action_scale = value_scale, action_scale
+        self.head_layers, self.teacher_rate, self.lam = head_layers, teacher_rate, lam
+        self.kl_dyn, self.kl_rep = kl_dyn, kl_rep
+        self.encoder_norm = "batch" if batchnorm else "rms"
+
+    def build(self, dims: ModelDims) -> None:
+        s = dims.size
+        self.discrete = dims.discrete
+        self.scales = {}
+        if self.value_head:
+            self.two_hot = TwoHot(symexp_bins())
+            self.value = Head(dims.feat_dim, len(self.two_hot.bins), s.units, self.head_layers, outscale=0.0)
+            self.teacher = frozen_copy(self.value)
+            self.scales["value"] = self.value_scale
+        if self.action_head:
+            out = dims.action_dim * (1 if dims.discrete else 2)
+            self.inverse = Head(dims.embed_dim + dims.feat_dim, out, s.units, self.head_layers)
+            self.scales["action"] = self.action_scale
+        if self.decoder:
+            self.image_decoder = MultiDecoder(dims.observation_shapes, s.deter, s.stoch * s.classes, s.depth, s.units)
+            self.scales.update({f"recon_{k}": 1.0 for k in dims.observation_shapes})
+
+    def forward(self, inputs: ObjectiveInputs) -> dict[str, torch.Tensor]:
+        losses = {}
+        post = inputs.posterior
+        if self.value_head:
+            feat = post.feat
+            with torch.no_grad():
+                boot = self.two_hot.decode(self.teacher(feat))
+                ret = lambda_return(inputs.reward, inputs.cont, boot, self.lam, last=inputs.is_last)
+            weight = 1.0 - inputs.is_last[:, :-1].float()
+            loss = self.two_hot.loss(self.value(feat[:, :-1]), ret)
+            losses["value"] = (weight * loss).mean()
+        if self.action_head:
+            raw = self.inverse(torch.cat([inputs.embed, inputs.prev_feat], -1))
+            nll = action_nll(raw, inputs.action, self.discrete)
+            valid = 1.0 - inputs.is_first.float()
+            losses["action"] = (valid * nll).sum() / valid.sum().clamp(min=1.0)
+        if self.decoder:
+            recon = self.image_decoder.losses(post.deter.detach(), post.stoch.flatten(-2).detach(), inputs.obs)
+            losses.update({f"recon_{k}": v for k, v in recon.items()})
+        return losses
+
+    def after_update(self) -> None:
+        if self.value_head:
+            ema_update_(self.teacher, self.value, self.teacher_rate)

@@ -1,0 +1,75 @@
+"""Returns, their normalisation and slow (EMA) copies of networks (SPEC §1 "Losses and training")."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def lambda_return(
+    reward: torch.Tensor, cont: torch.Tensor, boot: torch.Tensor, lam: float, last: torch.Tensor | None = None
+) -> torch.Tensor:
+    """TD(lambda) returns along axis 1, as DreamerV3 computes them.
+
+    All inputs are (N, T). `reward[:, t]` and `cont[:, t]` belong to the arrival at step t (cont
+    already holds the discount); `boot` is the value bootstrapped at each step. Returns (N, T - 1):
+
+        R_t = r_{t+1} + c_{t+1} ((1 - lambda_{t+1}) boot_{t+1} + lambda_{t+1} R_{t+1}),  R_{T-1} = boot_{T-1}
+
+    where lambda_{t+1} = lam, or 0 after an `is_last` step (the sequence was cut there).
+    """
+    lams = torch.full_like(reward[:, 1:], lam)
+    if last is not None:
+        lams = lams * (1.0 - last[:, 1:].float())
+    live = cont[:, 1:]
+    interm = reward[:, 1:] + (1.0 - lams) * live * boot[:, 1:]
+    returns = [boot[:, -1]]
+    for t in reversed(range(live.shape[1])):
+        returns.append(interm[:, t] + live[:, t] * lams[:, t] * returns[-1])
+    return torch.stack(returns[:0:-1], 1)
+
+
+class ReturnNormalizer(nn.Module):
+    """Scale S = EMA of (P_hi - P_lo) of the returns; advantages are divided by max(limit, S).
+
+    The EMAs of both percentiles are kept (their difference is the EMA of the range, the EMA
+    being linear) so that both can be logged. Zero-initialised, not debiased, as DreamerV3.
+    """
+
+    def __init__(self, rate: float = 0.01, limit: float = 1.0, low: float = 5.0, high: float = 95.0):
+        super().__init__()
+        self.rate, self.limit = rate, limit
+        self.quantiles = (low / 100.0, high / 100.0)
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, returns: torch.Tensor) -> None:
+        values = returns.detach().float().flatten()
+        q = torch.quantile(values, torch.tensor(self.quantiles, device=values.device))
+        self.low.lerp_(q[0], self.rate)
+        self.high.lerp_(q[1], self.rate)
+
+    def scale(self) -> torch.Tensor:
+        return torch.clamp(self.high - self.low, min=self.limit)
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, source: nn.Module, rate: float) -> None:
+    """target <- (1 - rate) * target + rate * source, parameters and buffers."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.lerp_(s.detach(), rate)
+    for t, s in zip(target.buffers(), source.buffers()):
+        if t.dtype.is_floating_point:
+            t.lerp_(s, rate)
+        else:
+            t.copy_(s)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` that takes no gradient: the start of a slow/EMA network."""
+    clone = copy.deepcopy(module)
+    clone.requires_grad_(False)
+    return clone

@@ -1,0 +1,120 @@
+"""The world model: encoder, RSSM, reward and continue heads, plus the representation objective."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+
+from wm.distributions import TwoHot, categorical_kl, continue_loss, symexp_bins
+from wm.encoder import MultiEncoder
+from wm.nets import Head
+from wm.objectives import ModelDims, Objective, ObjectiveInputs
+from wm.profiling import phase
+from wm.rssm import RSSM, State
+from wm.sizes import ModelSize
+
+
+@dataclass
+class WorldModelConfig:
+    """Loss weights of SPEC §1 (DreamerV3 2024 values). An objective may replace the KL weights."""
+
+    kl_dyn: float = 1.0
+    kl_rep: float = 0.1
+    free_nats: float = 1.0
+    pred_scale: float = 1.0  # beta_pred, on the reward and continue losses
+    discount_horizon: float = 333.0  # continue target (1 - 1/H)(1 - terminal)
+    unimix: float = 0.01
+
+
+@dataclass
+class WorldModelOutput:
+    loss: torch.Tensor  # scalar, weighted sum of all terms
+    terms: dict[str, torch.Tensor]  # unscaled scalar terms, for logging
+    posterior: State  # (B, T) posterior states
+    cont: torch.Tensor  # (B, T) continue targets
+
+
+def kl_losses(post_logits: torch.Tensor, prior_logits: torch.Tensor, free_nats: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL balancing with free bits: (dyn, rep), each (...) and clipped below at `free_nats`.
+
+    dyn = max(free, KL[sg(q) || p]) trains the prior; rep = max(free, KL[q || sg(p)]) trains the
+    posterior. KL is summed over the latents.
+    """
+    dyn = categorical_kl(post_logits.detach(), prior_logits)
+    rep = categorical_kl(post_logits, prior_logits.detach())
+    return dyn.clamp(min=free_nats), rep.clamp(min=free_nats)
+
+
+class WorldModel(L.LightningModule):
+    """Learns the latent dynamics from replayed (B, T) sequences."""
+
+    def __init__(
+        self,
+        observation_shapes: Mapping[str, tuple[int, ...]],
+        action_dim: int,
+        discrete: bool,
+        size: ModelSize,
+        objective: Objective,
+        config: WorldModelConfig | None = None,
+    ):
+        super().__init__()
+        self.config = config = config or WorldModelConfig()
+        self.size = size
+        self.encoder = MultiEncoder(observation_shapes, size.depth, size.units, norm=objective.encoder_norm)
+        self.rssm = RSSM(size, self.encoder.out_dim, action_dim, config.unimix)
+        self.two_hot = TwoHot(symexp_bins())
+        self.reward = Head(size.feat_dim, len(self.two_hot.bins), size.units, 1, outscale=0.0)
+        self.cont = Head(size.feat_dim, 1, size.units, 1)
+        self.objective = objective
+        objective.build(ModelDims(size, dict(observation_shapes), self.encoder.out_dim, action_dim, discrete))
+        self.kl_dyn = objective.kl_dyn if objective.kl_dyn is not None else config.kl_dyn
+        self.kl_rep = objective.kl_rep if objective.kl_rep is not None else config.kl_rep
+
+    def continue_target(self, is_terminal: torch.Tensor) -> torch.Tensor:
+        return (1.0 - 1.0 / self.config.discount_horizon) * (1.0 - is_terminal.float())
+
+    def predict_reward(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.two_hot.decode(self.reward(feat))
+
+    def predict_continue(self, feat: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.cont(feat).squeeze(-1).float())
+
+    def loss(self, batch: Mapping[str, torch.Tensor], initial: State | None = None) -> WorldModelOutput:
+        """World-model loss of SPEC §1 on a batch of (B, T) tensors.
+
+        The batch holds the observation keys, `action` (B, T, A) aligned so that action[t] led to
+        observation t, `reward`, `is_first`, `is_last` and `is_terminal`. `initial` is the latent
+        state before the first step (replay context); zeros when None.
+        """
+        obs = self.encoder.select(batch)
+        with phase("encode"):
+            embed = self.encoder(self.objective.encoder_input(obs, self.encoder.image_keys))
+        with phase("observe"):
+            post, post_logits, prior_logits = self.rssm.observe(embed, batch["action"], batch["is_first"], initial)
+        dyn, rep = kl_losses(post_logits, prior_logits, self.config.free_nats)
+        feat = post.feat
+        cont = self.continue_target(batch["is_terminal"])
+        terms = {
+            "dyn": dyn.mean(),
+            "rep": rep.mean(),
+            "reward": self.two_hot.loss(self.reward(feat), batch["reward"]).mean(),
+            "continue": continue_loss(self.cont(feat).squeeze(-1), cont).mean(),
+        }
+        loss = self.kl_dyn * terms["dyn"] + self.kl_rep * terms["rep"]
+        loss = loss + self.config.pred_scale * (terms["reward"] + terms["continue"])
+        initial = initial if initial is not None else self.rssm.initial(feat.shape[0], feat.device)
+        prev_feat = torch.cat([initial.feat[:, None].to(feat.dtype), feat[:, :-1]], 1)
+        inputs = ObjectiveInputs(
+            obs, embed, post, prev_feat, batch["action"], batch["reward"].float(), cont, batch["is_first"], batch["is_last"]
+        )
+        with phase("objective"):
+            objective_terms = self.objective(inputs)
+        for name, value in objective_terms.items():
+            loss = loss + self.objective.scales[name] * value
+        terms.update(objective_terms)
+        terms["prior_entropy"] = -(prior_logits.exp() * prior_logits).sum(-1).mean().detach()
+        terms["post_entropy"] = -(post_logits.exp() * post_logits).sum(-1).mean().detach()
+        return WorldModelOutput(loss, terms, post, cont)
