@@ -1,0 +1,27 @@
+"""Shared base of the pixel environments: every task observes {"image": uint8 (H, W, 3)}."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+
+class PixelEnv(gym.Env):
+    """Declares the image observation space and keeps the last frame, so render() costs nothing."""
+
+    metadata = {"render_modes": ["rgb_array"]}
+    render_mode = "rgb_array"
+
+    def __init__(self, image_size: int) -> None:
+        self.observation_space = spaces.Dict(
+            {"image": spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)}
+        )
+        self._frame: np.ndarray | None = None
+
+    def _observe(self, frame: np.ndarray) -> dict[str, np.ndarray]:
+        self._frame = frame
+        return {"image": frame}
+
+    def render(self) -> np.ndarray | None:
+        return self._frame

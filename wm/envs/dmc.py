@@ -1,0 +1,90 @@
+"""DeepMind Control Suite from pixels as gymnasium envs (SPEC §3: 64x64, camera 0, 2 for quadruped,
+1000-step episodes, never terminal). dm_control is imported lazily so the toy tasks work without OpenGL."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from gymnasium import spaces
+
+from wm.envs.base import PixelEnv
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before dm_control loads
+
+
+def _gl_error(cause: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"dm_control could not load or render with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} ({cause!r}). "
+        "Install `dm_control==1.0.28 mujoco==3.3.0`, then an OpenGL backend: on CPU, Mesa's EGL "
+        "(apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri) with MUJOCO_GL=egl, or OSMesa "
+        "(apt-get install libosmesa6) with MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa; on an NVIDIA "
+        "GPU, MUJOCO_GL=egl with the driver's libEGL."
+    )
+
+
+def _suite():
+    try:
+        from dm_control import suite
+    except Exception as e:  # a missing GL library surfaces as ImportError, AttributeError or OSError
+        raise _gl_error(e) from e
+    return suite
+
+
+def dmc_tasks() -> dict[str, tuple[str, str]]:
+    """Maps every suite task's "domain_task" name to its (domain, task); domains may contain '_'."""
+    return {f"{domain}_{task}": (domain, task) for domain, task in _suite().ALL_TASKS}
+
+
+class DMCEnv(PixelEnv):
+    """A suite task with actions normalised to [-1, 1] and the camera image as observation.
+
+    Repeats each action `action_repeat` physics steps itself and renders only the last one (rendering
+    dominates the cost on CPU). Episodes end by truncation when the suite's 1000-step limit is reached.
+    """
+
+    episode_steps = 1000
+
+    def __init__(
+        self, domain: str, task: str, image_size: int = 64, camera: int | None = None, action_repeat: int = 1
+    ) -> None:
+        suite = _suite()
+        if (domain, task) not in suite.ALL_TASKS:
+            raise ValueError(f"unknown DMC task {domain}-{task}; valid: {', '.join(dmc_tasks())}")
+        if action_repeat < 1:
+            raise ValueError(f"action repeat must be >= 1, got {action_repeat}")
+        super().__init__(image_size)
+        self._env = suite.load(domain, task)
+        self._size = image_size
+        self._camera = (2 if domain == "quadruped" else 0) if camera is None else camera
+        self._repeat = action_repeat
+        spec = self._env.action_spec()
+        self._low, self._high = spec.minimum, spec.maximum
+        self.action_space = spaces.Box(-1.0, 1.0, spec.shape, np.float32)
+        try:  # render once now, so a missing GL backend fails here rather than mid-training
+            self._render()
+        except Exception as e:
+            raise _gl_error(e) from e
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._env.task.random.seed(seed)  # the suite draws initial states from the task's RNG
+        self._env.reset()
+        return self._observe(self._render()), {}
+
+    def step(self, action):
+        action = self._low + (np.clip(action, -1.0, 1.0) + 1.0) / 2.0 * (self._high - self._low)
+        reward = 0.0
+        for _ in range(self._repeat):
+            time_step = self._env.step(action)
+            reward += time_step.reward or 0.0
+            if time_step.last():
+                break
+        return self._observe(self._render()), float(reward), False, time_step.last(), {}
+
+    def close(self) -> None:
+        self._env.close()
+
+    def _render(self) -> np.ndarray:
+        return self._env.physics.render(self._size, self._size, camera_id=self._camera)
