@@ -130,6 +130,20 @@ class Agent(L.LightningModule):
         # The posterior latents go back to the replay buffer (replay context).
         return {"loss": total.detach(), "deter": posterior.deter.detach(), "stoch": posterior.stoch.detach()}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, with the differences spelled out, a checkpoint of another model."""
+        saved = checkpoint.get("hyper_parameters", {})
+        keys = ("observation_shapes", "action_dim", "discrete", "size")
+        differences = [f"{k}: checkpoint {saved.get(k)!r}, config {self.hparams[k]!r}" for k in keys if saved.get(k) != self.hparams[k]]
+        saved_objective = (saved.get("objective") or {}).get("class_path")
+        if saved_objective != self.hparams["objective"]["class_path"]:
+            differences.append(f"objective: checkpoint {saved_objective!r}, config {self.hparams['objective']['class_path']!r}")
+        if differences:
+            raise ValueError(
+                "the checkpoint belongs to another model (" + "; ".join(differences) + "). Use the config "
+                "of the run that wrote it, or start a new run with another --run.name."
+            )
+
     # ------------------------------------------------------------------------------- acting
     def initial_state(self, batch: int) -> ActState:
         return ActState(self.world_model.rssm.initial(batch, self.device), torch.zeros(batch, self.action_dim, device=self.device))

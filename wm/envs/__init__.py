@@ -72,11 +72,14 @@ def make_vector_env(
     time_limit: int | None = None,
     image_size: int = 64,
     asynchronous: bool = True,
+    autoreset_mode: AutoresetMode = AutoresetMode.SAME_STEP,
 ) -> gym.vector.VectorEnv:
     """Runs num_envs copies of a task (env i seeded seed + i), in worker processes when asynchronous.
 
-    Autoreset is SAME_STEP: when an episode ends, step() already returns the next episode's first
-    observation and puts the last one in infos["final_obs"] (masked by infos["_final_obs"]).
+    Autoreset is explicit. SAME_STEP (default): when an episode ends, step() already returns the
+    next episode's first observation and puts the last one in infos["final_obs"] (masked by
+    infos["_final_obs"]). NEXT_STEP: the step after the last one resets that env, ignoring its
+    action, which is the one-row-per-step layout of the replay buffer.
     DMC workers start by forkserver, as a forked copy of a process holding a GL context is unsafe.
     """
     env_fns = [
@@ -91,9 +94,9 @@ def make_vector_env(
         for index in range(num_envs)
     ]
     if num_envs == 1 or not asynchronous:
-        return SyncVectorEnv(env_fns, autoreset_mode=AutoresetMode.SAME_STEP)
+        return SyncVectorEnv(env_fns, autoreset_mode=autoreset_mode)
     context = "forkserver" if task.startswith("dmc-") else "fork"
-    return AsyncVectorEnv(env_fns, context=context, autoreset_mode=AutoresetMode.SAME_STEP)
+    return AsyncVectorEnv(env_fns, context=context, autoreset_mode=autoreset_mode)
 
 
 def _register() -> None:

@@ -1,0 +1,309 @@
+"""The environment-interaction callback: collects the experience that the replay DataModule feeds.
+
+Random prefill first, then after every update as many environment steps as the train ratio asks
+(SPEC §1 "Data"), acting with the agent's policy. Episode returns, lengths and success are
+logged; counters live in `state_dict` so a resumed run continues its step count.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import lightning as L
+import numpy as np
+import torch
+
+from wm.envs import make_env, make_vector_env
+from wm.logger import EnvStepMLFlowLogger
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What the model must be built for: observation shapes and the action space."""
+
+    observation_shapes: dict[str, tuple[int, ...]]
+    action_dim: int
+    discrete: bool
+
+
+def env_spec(env: gym.Env) -> EnvSpec:
+    obs_space, act_space = env.observation_space, env.action_space
+    shapes = {k: tuple(int(d) for d in space.shape) for k, space in obs_space.spaces.items()}
+    if isinstance(act_space, gym.spaces.Discrete):
+        return EnvSpec(shapes, int(act_space.n), True)
+    if isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:
+        return EnvSpec(shapes, int(act_space.shape[0]), False)
+    raise ValueError(f"unsupported action space {act_space}: use Box(-1, 1, (A,)) or Discrete(n)")
+
+
+class EnvLoop(L.Callback):
+    """Steps `num_envs` copies of `task` and writes every step into the replay buffer.
+
+    Args:
+        task: environment name, e.g. "dmc-walker_walk" or "toy-point_reach".
+        num_envs: parallel environments (worker processes when > 1).
+        action_repeat: environment frames per agent step.
+        total_steps: stop training after this many environment frames (agent steps x repeat).
+        prefill: environment frames collected with random actions before the first update.
+        train_ratio: replayed steps per agent step; each update consumes B x T replayed steps,
+            so one update is followed by B * T / train_ratio agent steps.
+        eval_every: environment frames between greedy evaluations (0: only at the end).
+        eval_episodes: episodes per evaluation.
+        seed: environment seed; rank r of a multi-process run uses seed + 1000 r.
+    """
+
+    def __init__(
+        self,
+        task: str = "toy-point_reach",
+        num_envs: int = 1,
+        action_repeat: int = 2,
+        time_limit: int | None = None,
+        total_steps: int = 1_000_000,
+        prefill: int = 2500,
+        train_ratio: float = 512.0,
+        eval_every: int = 0,
+        eval_episodes: int = 10,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.task, self.num_envs, self.action_repeat, self.time_limit = task, num_envs, action_repeat, time_limit
+        self.total_steps, self.prefill, self.train_ratio = total_steps, prefill, train_ratio
+        self.eval_every, self.eval_episodes, self.seed = eval_every, eval_episodes, seed
+        probe = self._make_env(seed)
+        self.spec = env_spec(probe)
+        probe.close()
+        self.env_steps = 0  # environment frames collected on this rank
+        self.episodes = 0
+        self.credit = 0.0  # agent steps owed to the train ratio
+        self.last_return = float("nan")
+        self.last_eval_return = float("nan")
+        self.next_eval = eval_every
+        self.envs: gym.vector.VectorEnv | None = None
+        self.buffer = None
+        self.rng: np.random.Generator | None = None
+        self.restored: dict | None = None
+        self.saved_buffer_at = -1
+
+    # --------------------------------------------------------------------------- plumbing
+    def _make_env(self, seed: int | None) -> gym.Env:
+        return make_env(self.task, self.action_repeat, self.time_limit, seed=seed)
+
+    def state_dict(self) -> dict:
+        return {
+            "env_steps": self.env_steps,
+            "episodes": self.episodes,
+            "credit": self.credit,
+            "last_return": self.last_return,
+            "last_eval_return": self.last_eval_return,
+            "next_eval": self.next_eval,
+            "buffer_steps": self.buffer.steps_added if self.buffer is not None else 0,
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": self.rng.bit_generator.state if self.rng is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restored = dict(state)
+        for key in ("env_steps", "episodes", "credit", "last_return", "last_eval_return", "next_eval"):
+            setattr(self, key, state[key])
+
+    @staticmethod
+    def replay_dir(trainer: L.Trainer) -> Path:
+        """Where the buffer is saved: beside the checkpoints, one folder per rank."""
+        callback = trainer.checkpoint_callback
+        root = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+        return root / "replay" / f"rank{trainer.global_rank}"
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # The buffer goes beside the .ckpt, not into it; saved once per env-step count.
+        if self.buffer is not None and self.saved_buffer_at != self.env_steps:
+            self.buffer.save(self.replay_dir(trainer))
+            self.saved_buffer_at = self.env_steps
+
+    def _restore(self, trainer: L.Trainer) -> None:
+        """Buffer and RNG states of the checkpoint this fit resumes from."""
+        state, self.restored = self.restored, None
+        directory = self.replay_dir(trainer)
+        self.buffer.load(directory)
+        if self.buffer.steps_added != state["buffer_steps"]:
+            raise ValueError(
+                f"replay buffer in {directory} holds {self.buffer.steps_added} steps but the checkpoint "
+                f"expects {state['buffer_steps']}: it belongs to another checkpoint; resume from last.ckpt"
+            )
+        torch.set_rng_state(state["torch_rng"])
+        if state["numpy_rng"] is not None:
+            self.rng.bit_generator.state = state["numpy_rng"]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.rank_seed = self.seed + 1000 * trainer.global_rank
+        size = pl_module.world_model.size
+        trainer.datamodule.create_buffer(
+            self.num_envs, self.spec.observation_shapes, self.spec.action_dim, (size.deter, size.stoch, size.classes)
+        )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs after a checkpoint restore (counters are back) and before the fit loop fetches its
+        # first batch, so the buffer is reloaded and prefilled in time; the envs start fresh.
+        self.envs = make_vector_env(
+            self.task, self.num_envs, self.action_repeat, seed=self.rank_seed + self.episodes,
+            time_limit=self.time_limit, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+        )
+        self.rng = np.random.default_rng(self.rank_seed + self.env_steps)
+        self.obs, _ = self.envs.reset(seed=self.rank_seed + self.episodes)
+        self.is_first = np.ones(self.num_envs, bool)
+        self.done = np.zeros(self.num_envs, bool)
+        self.act_state = None
+        self.episode_return = np.zeros(self.num_envs)
+        self.episode_length = np.zeros(self.num_envs, int)
+        self.episode_success = np.zeros(self.num_envs, bool)
+        self.finished: list[tuple[int, float, int, bool]] = []
+        self.buffer = trainer.datamodule.buffer
+        if self.restored is not None:
+            self._restore(trainer)
+        self._add(np.zeros((self.num_envs, self.spec.action_dim), np.float32), np.zeros(self.num_envs), self.done, self.done)
+        self.clock = (time.perf_counter(), self.env_steps, trainer.global_step)
+        needed = max(self.prefill, trainer.datamodule.sequence_length * self.action_repeat * self.num_envs)
+        while self.env_steps < needed or len(self.buffer) < trainer.datamodule.sequence_length * self.num_envs:
+            self.step(pl_module, random=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        trainer.datamodule.write_back(outputs)
+        dm = trainer.datamodule
+        self.credit += dm.batch_size * dm.sequence_length / self.train_ratio
+        while self.credit >= self.num_envs:
+            self.step(pl_module)
+            self.credit -= self.num_envs
+        if self.eval_every and self.env_steps >= self.next_eval:
+            self.next_eval += self.eval_every
+            self.evaluate(trainer, pl_module)
+        self._log(trainer, pl_module)
+        if self.env_steps >= self.total_steps:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.eval_episodes:
+            self.evaluate(trainer, pl_module)
+        self.close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.envs is not None:
+            self.envs.close()
+            self.envs = None
+
+    # ---------------------------------------------------------------------------- stepping
+    def _random_action(self) -> np.ndarray:
+        if self.spec.discrete:
+            return np.eye(self.spec.action_dim, dtype=np.float32)[self.rng.integers(0, self.spec.action_dim, self.num_envs)]
+        return self.rng.uniform(-1, 1, (self.num_envs, self.spec.action_dim)).astype(np.float32)
+
+    def _policy_action(self, pl_module) -> np.ndarray:
+        obs = {k: torch.as_tensor(v) for k, v in self.obs.items()}
+        obs["is_first"] = torch.as_tensor(self.is_first)
+        action, self.act_state = pl_module.act(obs, self.act_state, mode="sample")
+        return action.float().cpu().numpy()
+
+    def step(self, pl_module: L.LightningModule, random: bool = False) -> None:
+        """One step of every env; NEXT_STEP autoreset: the step after an episode's last one
+        returns the next episode's first observation and ignores the action."""
+        action = self._random_action() if random else self._policy_action(pl_module)
+        env_action = action.argmax(-1) if self.spec.discrete else action
+        self.obs, reward, terminated, truncated, info = self.envs.step(env_action)
+        self.is_first = self.done
+        self.done = terminated | truncated
+        self._add(action, reward, terminated, self.done)
+        self.env_steps += self.num_envs * self.action_repeat
+        live = ~self.is_first
+        self.episode_return += np.where(live, reward, 0.0)
+        self.episode_length += live
+        if "success" in info:
+            self.episode_success |= np.asarray(info["success"], bool) & live
+        for i in np.flatnonzero(self.done):
+            self.episodes += 1
+            self.last_return = float(self.episode_return[i])
+            self.finished.append((self.env_steps, self.last_return, int(self.episode_length[i]), bool(self.episode_success[i])))
+            self.episode_return[i], self.episode_length[i], self.episode_success[i] = 0.0, 0, False
+
+    def _add(self, action, reward, terminated, last) -> None:
+        first = self.is_first
+        self.buffer.add(
+            {
+                **self.obs,
+                "action": np.where(first[:, None], 0.0, action).astype(np.float32),
+                "reward": np.where(first, 0.0, reward).astype(np.float32),
+                "is_first": first.copy(),
+                "is_last": np.asarray(last, bool) & ~first,
+                "is_terminal": np.asarray(terminated, bool) & ~first,
+            }
+        )
+
+    # ------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        """Greedy episodes on a separate env; logs and returns the mean return."""
+        env = self._make_env(self.rank_seed + 10**6 + self.episodes)
+        returns, successes = [], []
+        for _ in range(self.eval_episodes):
+            obs, _ = env.reset()
+            state, first, total, success, done = None, True, 0.0, False, False
+            while not done:
+                batch = {k: torch.as_tensor(v)[None] for k, v in obs.items()}
+                batch["is_first"] = torch.tensor([first])
+                action, state = pl_module.act(batch, state, mode="greedy")
+                action = action[0].float().cpu().numpy()
+                obs, reward, terminated, truncated, info = env.step(action.argmax() if self.spec.discrete else action)
+                total += float(reward)
+                success |= bool(info.get("success", False))
+                first, done = False, terminated or truncated
+            returns.append(total)
+            successes.append(success)
+        env.close()
+        self.last_eval_return = float(np.mean(returns))
+        self._log_to_loggers(trainer, {
+            "eval/return": self.last_eval_return,
+            "eval/return_std": float(np.std(returns)),
+            "eval/success": float(np.mean(successes)),
+        })
+        return self.last_eval_return
+
+    # --------------------------------------------------------------------------- logging
+    def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+        """Metrics against environment frames (`step`, default now), the x axis of every
+        published curve; also moves the env-step logger's clock for Lightning's own logging."""
+        step = self.env_steps if step is None else step
+        for logger in trainer.loggers:
+            env_step_logger = isinstance(logger, EnvStepMLFlowLogger)
+            if env_step_logger:
+                logger.env_steps = step
+            if trainer.is_global_zero:
+                logger.log_metrics(metrics, step=step)
+            if env_step_logger:
+                logger.env_steps = self.env_steps
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        now = time.perf_counter()
+        start, steps, updates = self.clock
+        if now - start >= 1.0:
+            self.fps = (self.env_steps - steps) / (now - start)
+            self.updates_per_second = (trainer.global_step - updates) / (now - start)
+            self.clock = (now, self.env_steps, trainer.global_step)
+        for steps, episode_return, length, success in self.finished:
+            metrics = {"episode/return": episode_return, "episode/length": length, "episode/success": float(success)}
+            self._log_to_loggers(trainer, metrics, step=steps)
+        self.finished.clear()
+        progress = {
+            "env_steps": float(self.env_steps),
+            "fps": getattr(self, "fps", 0.0),
+            "updates/s": getattr(self, "updates_per_second", 0.0),
+            "return": self.last_return,
+        }
+        pl_module.log_dict(progress, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._log_to_loggers(trainer, {"env/fps": progress["fps"], "env/updates_per_second": progress["updates/s"],
+                                           "env/episodes": float(self.episodes), "train/updates": float(trainer.global_step)})

@@ -1,0 +1,388 @@
+"""Replay buffer and data module: layout, FIFO windows, replay context, save/load safety,
+memory-maps, and the agent training on replayed batches."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from datamodules import ReplayBuffer, ReplayDataModule, ReplayFileError
+from wm.agent import Agent
+from wm.objectives import Barlow
+from wm.sizes import model_size
+
+SHAPES = {"image": (4, 4, 3), "state": (2,)}
+LATENT = (6, 3, 5)  # deter, stoch, classes
+
+
+def make_buffer(capacity=12, num_envs=2, latent=LATENT, **kwargs) -> ReplayBuffer:
+    return ReplayBuffer(capacity, num_envs, SHAPES, 2, latent, **kwargs)
+
+
+def step(row: int, num_envs: int = 2) -> dict[str, np.ndarray]:
+    """Row `row` of every env: the step number and env id are readable from reward and state
+    (reward = 10 * row + env); an episode starts every 5 rows."""
+    env = np.arange(num_envs)
+    first = np.full(num_envs, row % 5 == 0)
+    return {
+        "image": np.full((num_envs, 4, 4, 3), row % 256, np.uint8),
+        "state": np.stack([np.full(num_envs, row), env], 1).astype(np.float32),
+        "action": np.full((num_envs, 2), row + 1, np.float32),
+        "reward": (10 * row + env).astype(np.float32),
+        "is_first": first,
+        "is_last": np.full(num_envs, row % 5 == 4),
+        "is_terminal": np.zeros(num_envs, bool),
+    }
+
+
+def fill(buffer: ReplayBuffer, rows: int, start: int = 0) -> ReplayBuffer:
+    for row in range(start, start + rows):
+        buffer.add(step(row, buffer.num_envs))
+    return buffer
+
+
+def snapshot(buffer: ReplayBuffer) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    return {k: v.clone() for k, v in buffer.arrays.items()}, buffer.state_dict()
+
+
+def assert_same(buffer: ReplayBuffer, snap) -> None:
+    arrays, state = snap
+    assert buffer.state_dict() == state
+    assert all(torch.equal(buffer.arrays[k], v) for k, v in arrays.items())
+
+
+# --------------------------------------------------------------------------- adding, sampling
+def test_add_and_sample_shapes_and_dtypes():
+    buffer = fill(make_buffer(), 4)
+    assert len(buffer) == 8 and buffer.steps_added == 8
+    batch, index = buffer.sample(3, 4, torch.Generator().manual_seed(0))
+    expected = {
+        "image": ((3, 4, 4, 4, 3), torch.uint8),
+        "state": ((3, 4, 2), torch.float32),
+        "action": ((3, 4, 2), torch.float32),
+        "reward": ((3, 4), torch.float32),
+        "is_first": ((3, 4), torch.bool),
+        "is_last": ((3, 4), torch.bool),
+        "is_terminal": ((3, 4), torch.bool),
+        "deter": ((3, 6), torch.float32),
+        "stoch": ((3, 3, 5), torch.float32),
+    }
+    assert {k: (tuple(v.shape), v.dtype) for k, v in batch.items()} == expected
+    assert index.env.shape == (3,) and index.time.shape == (3, 4)
+    assert not batch["action"][batch["is_first"]].any(), "no action leads to an episode's first step"
+
+
+def test_sequences_are_consecutive_steps_of_one_env():
+    buffer = fill(make_buffer(capacity=40, num_envs=4), 9)
+    batch, index = buffer.sample(64, 5, torch.Generator().manual_seed(1))
+    row, env = batch["state"][..., 0], batch["state"][..., 1]
+    assert (row.diff(dim=1) == 1).all()
+    assert (env == index.env[:, None].float()).all()
+    assert torch.equal(batch["reward"], 10 * row + env)
+    assert (batch["image"] == row[..., None, None, None].to(torch.uint8)).all()
+    assert set(env[:, 0].tolist()) == {0, 1, 2, 3}
+
+
+def test_fifo_keeps_the_newest_steps_and_never_crosses_the_write_head():
+    buffer = fill(make_buffer(capacity=12, num_envs=2), 15)  # 6 rows per env, 9 overwritten
+    assert len(buffer) == 12 and buffer.steps_added == 30 and buffer.position == 15 % 6
+    assert sorted(buffer.arrays["state"][:, 0, 0].tolist()) == list(range(9, 15))
+    batch, _ = buffer.sample(200, 4, torch.Generator().manual_seed(2))
+    starts = batch["state"][:, 0, 0]
+    assert (batch["state"][..., 0].diff(dim=1) == 1).all(), "a window crossed the write head"
+    assert set(starts.tolist()) == {9.0, 10.0, 11.0}, "every valid window, and only those, is sampled"
+    batch, _ = buffer.sample(50, 6, torch.Generator().manual_seed(3))  # the whole stream
+    assert (batch["state"][..., 0] == torch.arange(9, 15)).all()
+
+
+def test_add_refuses_missing_keys_and_wrong_shapes():
+    buffer = make_buffer()
+    incomplete = step(0)
+    del incomplete["is_terminal"]
+    with pytest.raises(ValueError, match="is_terminal"):
+        buffer.add(incomplete)
+    wrong = step(0, num_envs=3)
+    with pytest.raises(ValueError, match=r"'image' has shape \(3, 4, 4, 3\), expected \(2, 4, 4, 3\)"):
+        buffer.add(wrong)
+    assert len(buffer) == 0
+
+
+def test_sample_needs_enough_steps():
+    buffer = fill(make_buffer(), 3)
+    with pytest.raises(ValueError, match=r"sequences of 4 steps.*holds 3 steps \(6 in all"):
+        buffer.sample(2, 4)
+    with pytest.raises(ValueError, match="capacity 6 per env"):
+        fill(buffer, 10).sample(2, 7)
+
+
+def test_memmap_cuda_combination_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="CPU"):
+        make_buffer(device="cuda", directory=str(tmp_path))
+
+
+# -------------------------------------------------------------------------- replay context
+def latents_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posteriors that encode the step: deter = reward everywhere, stoch class = row % classes."""
+    deter = batch["reward"][..., None].expand(*batch["reward"].shape, LATENT[0])
+    classes = (batch["state"][..., 0].long() % LATENT[2])[..., None].expand(*batch["reward"].shape, LATENT[1])
+    return deter, torch.nn.functional.one_hot(classes, LATENT[2]).float()
+
+
+def test_context_is_the_written_back_latent_of_the_previous_step():
+    buffer = fill(make_buffer(capacity=12, num_envs=2), 9)  # rows 3..8 stored
+    gen = torch.Generator().manual_seed(4)
+    fresh, _ = buffer.sample(20, 2, gen)
+    assert not fresh["deter"].any() and not fresh["stoch"].any(), "nothing written back yet: zeros"
+    whole, index = buffer.sample(8, 6, gen)
+    buffer.write_latents(index, *latents_of(whole))
+    batch, _ = buffer.sample(100, 2, gen)
+    has_previous = batch["state"][:, 0, 0] > 3
+    assert has_previous.any() and (~has_previous).any()
+    previous = batch["reward"][:, 0] - 10
+    expected_deter = torch.where(has_previous, previous, 0.0)[:, None].expand(-1, LATENT[0])
+    assert torch.equal(batch["deter"], expected_deter)
+    prev_class = (batch["state"][:, 0, 0].long() - 1) % LATENT[2]
+    expected_stoch = torch.nn.functional.one_hot(prev_class, LATENT[2]).float()[:, None].expand(-1, LATENT[1], -1)
+    assert torch.equal(batch["stoch"], expected_stoch * has_previous[:, None, None])
+
+
+def test_write_back_round_trip():
+    buffer = fill(make_buffer(capacity=40, num_envs=4), 10)
+    batch, index = buffer.sample(4, 3, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(6)
+    deter = torch.randn(4, 3, LATENT[0], generator=gen)
+    stoch = torch.nn.functional.one_hot(torch.randint(0, LATENT[2], (4, 3, LATENT[1]), generator=gen), LATENT[2]).float()
+    buffer.write_latents(index, deter, stoch)
+    stored = buffer.arrays["deter"][index.time, index.env[:, None]]
+    assert stored.dtype == torch.float16
+    torch.testing.assert_close(stored.float(), deter, rtol=1e-3, atol=1e-3)
+    classes = buffer.arrays["stoch"][index.time, index.env[:, None]].long()
+    assert torch.equal(torch.nn.functional.one_hot(classes, LATENT[2]).float(), stoch)
+
+
+def test_write_back_skips_steps_overwritten_since_sampling():
+    buffer = fill(make_buffer(capacity=12, num_envs=2), 6)
+    batch, index = buffer.sample(4, 6, torch.Generator().manual_seed(7))  # whole streams
+    fill(buffer, 2, start=6)  # rows 0 and 1 of the ring now hold steps 6 and 7
+    buffer.write_latents(index, *latents_of(batch))
+    assert not buffer.arrays["deter"][:2].any()
+    assert (buffer.arrays["deter"][2:, :, 0] == buffer.arrays["reward"][2:]).all()
+
+
+# --------------------------------------------------------------------------------- save/load
+def written_buffer(rows=9, **kwargs) -> ReplayBuffer:
+    buffer = fill(make_buffer(**kwargs), rows)
+    batch, index = buffer.sample(4, 5, torch.Generator().manual_seed(8))
+    buffer.write_latents(index, *latents_of(batch))
+    return buffer
+
+
+def test_save_load_round_trip(tmp_path):
+    source = written_buffer()
+    source.save(tmp_path / "replay")
+    manifest = json.loads((tmp_path / "replay" / "manifest.json").read_text())
+    assert set(manifest["arrays"]) == set(source.arrays) and manifest["state"]["steps_added"] == 18
+    target = make_buffer()
+    target.load(tmp_path / "replay")
+    assert_same(target, snapshot(source))
+    assert target.sample(3, 4, torch.Generator().manual_seed(0))[0]["reward"].equal(
+        source.sample(3, 4, torch.Generator().manual_seed(0))[0]["reward"]
+    )
+    assert sorted(os.listdir(tmp_path)) == ["replay"], "no temporary directory left behind"
+
+
+def corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (corrupt, r"reward\.npy: corrupted"),
+        (truncate, r"reward\.npy: corrupted or truncated"),
+        (os.remove, r"reward\.npy: missing"),
+    ],
+)
+def test_damaged_files_are_refused_and_the_buffer_kept(tmp_path, damage, message):
+    written_buffer().save(tmp_path / "replay")
+    damage(tmp_path / "replay" / "reward.npy")
+    target = fill(make_buffer(), 4, start=50)
+    before = snapshot(target)
+    with pytest.raises(ReplayFileError, match=message):
+        target.load(tmp_path / "replay")
+    assert_same(target, before)
+
+
+def test_other_configuration_and_missing_save_are_refused(tmp_path):
+    written_buffer().save(tmp_path / "replay")
+    other = ReplayBuffer(12, 2, {"image": (4, 4, 3), "state": (3,)}, 2, LATENT)
+    before = snapshot(other)
+    with pytest.raises(ReplayFileError, match=r"manifest\.json: saved with another configuration: observation_shapes"):
+        other.load(tmp_path / "replay")
+    assert_same(other, before)
+    with pytest.raises(ReplayFileError, match="num_envs is 2 in the file but 3"):
+        make_buffer(capacity=18, num_envs=3).load(tmp_path / "replay")
+    with pytest.raises(ReplayFileError, match="manifest.json: missing"):
+        make_buffer().load(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("failing_call", [1, 2], ids=["before-moving-old-aside", "after-moving-old-aside"])
+def test_interrupted_save_keeps_the_previous_save(tmp_path, monkeypatch, failing_call):
+    buffer = written_buffer()
+    buffer.save(tmp_path / "replay")
+    saved = snapshot(buffer)
+    fill(buffer, 3, start=20)
+    calls = []
+    real_replace = os.replace
+
+    def crashing_replace(src, dst):
+        calls.append(src)
+        if len(calls) == failing_call:
+            raise OSError("simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        buffer.save(tmp_path / "replay")
+    monkeypatch.setattr(os, "replace", real_replace)
+    restored = make_buffer()
+    restored.load(tmp_path / "replay")
+    assert_same(restored, saved)
+    buffer.save(tmp_path / "replay")  # a later save cleans up after the crash
+    assert sorted(os.listdir(tmp_path)) == ["replay"]
+    restored.load(tmp_path / "replay")
+    assert_same(restored, snapshot(buffer))
+
+
+def test_memmap_storage(tmp_path):
+    buffer = written_buffer(directory=str(tmp_path / "mm"))
+    assert sorted(p.name for p in (tmp_path / "mm").iterdir()) == sorted(f"{k}.npy" for k in buffer.arrays)
+    on_disk = np.load(tmp_path / "mm" / "reward.npy", mmap_mode="r")
+    assert np.array_equal(on_disk, buffer.arrays["reward"].numpy())
+    batch, _ = buffer.sample(3, 4, torch.Generator().manual_seed(0))
+    assert (batch["state"][..., 0].diff(dim=1) == 1).all()
+    buffer.save(tmp_path / "saved")
+    in_memory = make_buffer()
+    in_memory.load(tmp_path / "saved")
+    assert_same(in_memory, snapshot(buffer))
+    with pytest.raises(ValueError, match="its own directory"):
+        buffer.save(tmp_path / "mm")
+
+
+def test_save_refuses_to_replace_a_foreign_directory(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a saved replay buffer"):
+        make_buffer().save(tmp_path / "notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------ data module
+AGENT_SHAPES = {"image": (64, 64, 3), "state": (3,)}
+
+
+def agent_step(row: int, num_envs: int, action_dim: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(row)
+    return {
+        "image": rng.integers(0, 256, (num_envs, 64, 64, 3), dtype=np.uint8),
+        "state": rng.standard_normal((num_envs, 3)).astype(np.float32),
+        "action": rng.uniform(-1, 1, (num_envs, action_dim)).astype(np.float32),
+        "reward": rng.standard_normal(num_envs).astype(np.float32),
+        "is_first": np.full(num_envs, row % 6 == 0),
+        "is_last": np.full(num_envs, row % 6 == 5),
+        "is_terminal": np.zeros(num_envs, bool),
+    }
+
+
+def agent_and_data(rows=12) -> tuple[Agent, ReplayDataModule]:
+    torch.manual_seed(0)
+    agent = Agent(AGENT_SHAPES, 2, objective=Barlow(), size="size1M")
+    size = model_size("size1M")
+    dm = ReplayDataModule(batch_size=2, sequence_length=8, capacity=64, seed=0)
+    latent = (size.deter, size.stoch, size.classes)
+    buffer = dm.create_buffer(2, AGENT_SHAPES, 2, latent)
+    assert dm.create_buffer(2, AGENT_SHAPES, 2, latent) is buffer
+    with pytest.raises(ValueError, match="already created"):
+        dm.create_buffer(3, AGENT_SHAPES, 2, latent)
+    for row in range(rows):
+        buffer.add(agent_step(row, 2, 2))
+    return agent, dm
+
+
+def test_dataloader_batches_train_the_agent_and_take_the_latents_back():
+    agent, dm = agent_and_data()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 8, 64, 64, 3) and batch["image"].dtype == torch.uint8
+    assert batch["deter"].shape == (2, 512) and batch["stoch"].shape == (2, 32, 4)
+    total, _, posterior = agent.losses(batch)
+    assert torch.isfinite(total)
+    index, _ = dm.sequences.pending[0]
+    assert len({(e, t) for e, ts in zip(index.env.tolist(), index.time.tolist()) for t in ts}) == 16, "windows overlap"
+    dm.write_back({"deter": posterior.deter.detach(), "stoch": posterior.stoch.detach()})
+    stored = dm.buffer.arrays["stoch"][index.time, index.env[:, None]].long()
+    assert torch.equal(stored, posterior.stoch.argmax(-1))
+    deter = dm.buffer.arrays["deter"][index.time, index.env[:, None]].float()
+    torch.testing.assert_close(deter, posterior.deter.detach(), rtol=1e-3, atol=1e-3)
+    assert not dm.sequences.pending
+
+
+def test_dataloader_samples_lazily():
+    _, dm = agent_and_data(rows=8)
+    batches = iter(dm.train_dataloader())
+    assert next(batches)["state"].shape == (2, 8, 3)
+    new = torch.as_tensor(agent_step(8, 2, 2)["reward"])
+    dm.buffer.add(agent_step(8, 2, 2))
+    assert any(torch.isin(next(batches)["reward"][:, -1], new).any() for _ in range(30))
+
+
+class WriteBack(L.Callback):
+    """What the environment callback does after each update; checks it pairs the right batch."""
+
+    def __init__(self):
+        self.updates = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        dm = trainer.datamodule
+        index, _ = dm.sequences.pending[0]
+        assert torch.equal(dm.buffer.arrays["reward"][index.time, index.env[:, None]], batch["reward"])
+        dm.write_back(outputs)
+        self.updates += 1
+
+
+def test_write_back_pairs_with_the_trained_batch_under_a_trainer():
+    agent, dm = agent_and_data()
+    callback = WriteBack()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(agent, datamodule=dm)
+    assert callback.updates == 2
+    assert dm.buffer.arrays["stoch"].ne(255).any()
+
+
+def test_sampler_state_round_trips_through_the_datamodule():
+    _, dm = agent_and_data()
+    batches = iter(dm.train_dataloader())
+    trained = next(batches)
+    prefetched = next(batches)  # Lightning draws the next batch before training on the first
+    dm.write_back(latents_like(trained))
+    state = dm.state_dict()  # checkpoint after the first update
+    _, resumed = agent_and_data()
+    resumed.load_state_dict(state)
+    got = next(iter(resumed.train_dataloader()))
+    assert all(torch.equal(got[k], prefetched[k]) for k in prefetched)
+
+
+def latents_like(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    b, t = batch["reward"].shape
+    return {"deter": torch.zeros(b, t, *batch["deter"].shape[1:]), "stoch": torch.zeros(b, t, *batch["stoch"].shape[1:])}
