@@ -160,7 +160,7 @@ class EnvLoop(L.Callback):
         self.episode_return = np.zeros(self.num_envs)
         self.episode_length = np.zeros(self.num_envs, int)
         self.episode_success = np.zeros(self.num_envs, bool)
-        self.finished: list[tuple[int, float, int, bool]] = []
+        self.finished: list[tuple[float, int, bool]] = []
         self.buffer = trainer.datamodule.buffer
         if self.restored is not None:
             self._restore(trainer)
@@ -227,7 +227,7 @@ class EnvLoop(L.Callback):
         for i in np.flatnonzero(self.done):
             self.episodes += 1
             self.last_return = float(self.episode_return[i])
-            self.finished.append((self.env_steps, self.last_return, int(self.episode_length[i]), bool(self.episode_success[i])))
+            self.finished.append((self.last_return, int(self.episode_length[i]), bool(self.episode_success[i])))
             self.episode_return[i], self.episode_length[i], self.episode_success[i] = 0.0, 0, False
 
     def _add(self, action, reward, terminated, last) -> None:
@@ -273,18 +273,14 @@ class EnvLoop(L.Callback):
         return self.last_eval_return
 
     # --------------------------------------------------------------------------- logging
-    def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
-        """Metrics against environment frames (`step`, default now), the x axis of every
-        published curve; also moves the env-step logger's clock for Lightning's own logging."""
-        step = self.env_steps if step is None else step
+    def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        """Metrics against environment frames, the x axis of every published curve; also moves
+        the env-step logger's clock, which Lightning's own logging then uses."""
         for logger in trainer.loggers:
-            env_step_logger = isinstance(logger, EnvStepMLFlowLogger)
-            if env_step_logger:
-                logger.env_steps = step
-            if trainer.is_global_zero:
-                logger.log_metrics(metrics, step=step)
-            if env_step_logger:
+            if isinstance(logger, EnvStepMLFlowLogger):
                 logger.env_steps = self.env_steps
+            if trainer.is_global_zero:
+                logger.log_metrics(metrics, step=self.env_steps)
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         now = time.perf_counter()
@@ -293,10 +289,16 @@ class EnvLoop(L.Callback):
             self.fps = (self.env_steps - steps) / (now - start)
             self.updates_per_second = (trainer.global_step - updates) / (now - start)
             self.clock = (now, self.env_steps, trainer.global_step)
-        for steps, episode_return, length, success in self.finished:
-            metrics = {"episode/return": episode_return, "episode/length": length, "episode/success": float(success)}
-            self._log_to_loggers(trainer, metrics, step=steps)
-        self.finished.clear()
+        if self.finished and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            # One write per logging interval: the mean over the episodes that ended in it.
+            returns, lengths, successes = map(np.asarray, zip(*self.finished))
+            self._log_to_loggers(trainer, {
+                "episode/return": float(returns.mean()),
+                "episode/length": float(lengths.mean()),
+                "episode/success": float(successes.mean()),
+                "episode/count": float(len(returns)),
+            })
+            self.finished.clear()
         progress = {
             "env_steps": float(self.env_steps),
             "fps": getattr(self, "fps", 0.0),

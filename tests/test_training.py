@@ -58,8 +58,8 @@ def test_fit_logs_a_run_that_mlflow_reads_back(tmp_path):
     assert params["model.objective.class_path"] == "wm.objectives.Barlow"
     # Metrics are against environment frames: episode returns from prefill on, eval at the end.
     returns = client.get_metric_history(run.info.run_id, "episode/return")
-    assert returns and all(m.value in (-1.0, 1.0) for m in returns)
-    assert min(m.step for m in returns) <= 16 and max(m.step for m in returns) <= 40
+    assert returns and all(-1.0 <= m.value <= 1.0 for m in returns)
+    assert max(m.step for m in returns) <= 40
     losses = client.get_metric_history(run.info.run_id, "train/world_model/loss")
     assert len(losses) >= 10 and [m.step for m in losses] == sorted(m.step for m in losses)
     assert max(m.step for m in losses) >= 40  # env frames, not the ~24 updates

@@ -47,7 +47,7 @@ class EnvStepCheckpoint(ModelCheckpoint):
     """Keeps a checkpoint every `every` environment frames and refreshes `last.ckpt` each time."""
 
     def __init__(self, dirpath: str, every: int):
-        super().__init__(dirpath=dirpath, filename="envstep={env_steps}", save_last=True, save_top_k=-1,
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=-1,
                          every_n_train_steps=0, save_on_train_epoch_end=False)
         self.every = every
         self.saved_at = 0
@@ -141,6 +141,7 @@ class WMCLI(LightningCLI):
             artifact_location=(run_dir / "artifacts").resolve().as_uri(),
             run_id=run_id_file.read_text().strip() if resuming else None,
             log_model=True,  # checkpoints become run artifacts at the end of training
+            synchronous=False,  # metric writes to the store do not hold up training
         )
         if rank_zero_only.rank == 0:  # other DDP ranks see a dummy experiment and no run id
             run_id_file.write_text(logger.run_id)
