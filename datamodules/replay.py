@@ -299,7 +299,8 @@ class ReplayBuffer:
 
     # ----------------------------------------------------------------------------- save/load
     def save(self, directory: str | os.PathLike) -> None:
-        """Write every array as .npy plus `manifest.json` (shapes, dtypes, counters, sha256).
+        """Write the filled rows of every array as .npy plus `manifest.json` (shapes, dtypes,
+        counters, sha256): a 1M-step buffer holding 5k steps writes 5k rows.
 
         Atomic: everything goes to a temporary sibling directory that then replaces the old
         save, so a crash at any point leaves the previous save loadable.
@@ -315,7 +316,7 @@ class ReplayBuffer:
         if temporary.exists():
             shutil.rmtree(temporary)  # the remains of a save that crashed while writing
         temporary.mkdir()
-        entries = {name: self._save_array(temporary, name, array) for name, array in self.arrays.items()}
+        entries = {name: self._save_array(temporary, name, array[: self.filled]) for name, array in self.arrays.items()}
         manifest = {"format": FORMAT_VERSION, "config": self.config, "state": self.state_dict(), "arrays": entries}
         with open(temporary / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
@@ -346,11 +347,12 @@ class ReplayBuffer:
         directory = Path(directory).absolute()
         _recover(directory)
         manifest = self._read_manifest(directory)
-        sources = {name: self._verified(directory, name, manifest["arrays"].get(name)) for name in self.arrays}
         try:
             steps = self._checked_steps(manifest["state"])
         except (KeyError, TypeError, ValueError) as error:
             raise ReplayFileError(f"{directory / MANIFEST}: bad counters {manifest.get('state')!r}: {error}") from None
+        rows = min(steps // self.num_envs, self.capacity_per_env)  # the filled rows that were saved
+        sources = {name: self._verified(directory, name, manifest["arrays"].get(name), rows) for name in self.arrays}
         for name, source in sources.items():
             self._copy_into(self.arrays[name], source)
         self.steps_added = steps
@@ -373,11 +375,11 @@ class ReplayBuffer:
             raise ReplayFileError(f"{path}: saved with another configuration: {details}")
         return manifest
 
-    def _verified(self, directory: Path, name: str, entry: Mapping[str, Any] | None) -> np.ndarray:
-        """The saved array `name`, read-only and memory-mapped, once its file matches the
-        manifest (checksum) and the manifest matches this buffer (shape, dtype)."""
+    def _verified(self, directory: Path, name: str, entry: Mapping[str, Any] | None, rows: int) -> np.ndarray:
+        """The saved array `name` (its first `rows` rows), read-only and memory-mapped, once its
+        file matches the manifest (checksum) and the manifest matches this buffer (shape, dtype)."""
         array = self.arrays[name]
-        shape, dtype = list(array.shape), _numpy_dtype(array.dtype).str
+        shape, dtype = [rows, *array.shape[1:]], _numpy_dtype(array.dtype).str
         if entry is None:
             raise ReplayFileError(f"{directory / MANIFEST}: lists no array {name!r}")
         path = directory / str(entry.get("file", ""))
@@ -401,7 +403,8 @@ class ReplayBuffer:
     def _copy_into(target: torch.Tensor, source: np.ndarray) -> None:
         rows = max(1, _CHUNK_BYTES // max(1, source[:1].nbytes))
         for i in range(0, source.shape[0], rows):
-            target[i : i + rows] = torch.from_numpy(np.array(source[i : i + rows])).to(target.device)
+            end = min(i + rows, source.shape[0])  # the source may hold fewer rows than the target
+            target[i:end] = torch.from_numpy(np.array(source[i:end])).to(target.device)
 
 
 class ReplaySequences(IterableDataset):

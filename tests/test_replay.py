@@ -196,6 +196,22 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["replay"], "no temporary directory left behind"
 
 
+def test_save_writes_only_the_filled_rows(tmp_path):
+    source = make_buffer(capacity=1000)
+    for row in range(7):
+        source.add(step(row))
+    source.save(tmp_path / "replay")
+    image = np.load(tmp_path / "replay" / "image.npy")
+    assert image.shape == (7, 2, 4, 4, 3), "a mostly empty buffer must not write its capacity"
+    target = make_buffer(capacity=1000)
+    target.load(tmp_path / "replay")
+    assert target.steps_added == 14 and len(target) == 14
+    for name, array in source.arrays.items():
+        assert torch.equal(target.arrays[name][:7], array[:7]), name
+    generator = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert target.sample(4, 5, generator())[0]["reward"].equal(source.sample(4, 5, generator())[0]["reward"])
+
+
 def corrupt(path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
