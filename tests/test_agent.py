@@ -4,6 +4,7 @@ acting, checkpointed state and clear errors."""
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -289,3 +290,15 @@ def test_clear_errors():
     del batch["image"]
     with pytest.raises(KeyError, match="missing keys \\['image'\\]"):
         agent.losses(batch)
+
+
+@pytest.mark.parametrize("name", ["reconstruction", "mudreamer"])
+def test_bf16_mixed_updates_are_finite(name):
+    """Mixed precision through the Trainer (bf16 autocast works on the CPU too)."""
+    agent = make_agent(OBJECTIVES[name](), optimizer=OptimizerConfig(warmup=0))
+    recorder = LossRecorder()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, callbacks=[recorder])
+    trainer.fit(agent, DataLoader(RepeatBatch(batch_for(agent)), batch_size=None))
+    assert len(recorder.world_model) == 3 and all(np.isfinite(recorder.world_model))
+    assert all(torch.isfinite(p).all() for p in agent.parameters())
