@@ -138,7 +138,8 @@ class WMCLI(LightningCLI):
             experiment_name=config.run.experiment,
             run_name=run_dir.name,
             tracking_uri=config.run.tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}",
-            artifact_location=(run_dir / "artifacts").resolve().as_uri(),
+            # A store shared by several runs (a sweep) keeps their artifacts beside it, under the root.
+            artifact_location=((run_dir.parent if config.run.tracking_uri else run_dir) / "artifacts").resolve().as_uri(),
             run_id=run_id_file.read_text().strip() if resuming else None,
             log_model=True,  # checkpoints become run artifacts at the end of training
             synchronous=False,  # metric writes to the store do not hold up training

@@ -1,0 +1,54 @@
+"""Sweeps: expansion into runs, the SLURM script, and a real local sweep into one experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from wm.sweep import main, slurm_script, sweep_commands
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "configs/quickstart.yaml"
+TINY = ["--data.batch_size", "2", "--data.sequence_length", "8", "--env.prefill", "16", "--env.train_ratio", "16",
+        "--env.total_steps", "24", "--env.eval_episodes", "1", "--trainer.enable_progress_bar", "false"]
+
+
+def test_expands_tasks_objectives_seeds(tmp_path):
+    commands = sweep_commands(QUICK, ["toy-catch", "toy-point_reach"], ["barlow", "mudreamer", "none"], [0, 1],
+                              tmp_path, "", ["--trainer.devices", "1"])
+    assert len(commands) == 12
+    names = {c[c.index("--run.name") + 1] for c in commands}
+    assert "quickstart-toy-point_reach-mudreamer-s1" in names and len(names) == 12
+    first = commands[0]
+    assert first[first.index("--env.task") + 1] == "toy-catch"
+    assert str(REPO / "configs/objective/barlow.yaml") in first
+    assert first[first.index("--run.tracking_uri") + 1] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert first[-2:] == ["--trainer.devices", "1"]
+    with pytest.raises(ValueError, match="unknown objectives \\['dino'\\]"):
+        sweep_commands(QUICK, [], ["dino"], [0], tmp_path, "", [])
+
+
+def test_slurm_script_runs_one_command_per_array_task(tmp_path):
+    script = tmp_path / "sweep.sbatch"
+    assert main(["--config", str(QUICK), "--objectives", "barlow", "none", "--seeds", "0", "1", "2",
+                 "--root", str(tmp_path / "runs"), "--slurm", str(script), "--slurm-option=--gres=gpu:1"]) == 0
+    text = script.read_text()
+    assert "#SBATCH --array=0-5" in text and "#SBATCH --gres=gpu:1" in text
+    assert 'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"' in text
+    body = text[text.index("COMMANDS=(") : text.index(")\neval")]
+    assert body.count("-m wm fit") == 6
+    assert "'echo '\"'\"'a b'\"'\"''" in slurm_script([["echo", "a b"]], "x", [])  # quoted for bash
+
+
+def test_local_sweep_fills_one_experiment(tmp_path):
+    root = tmp_path / "runs"
+    code = main(["--config", str(QUICK), "--objectives", "barlow", "none", "--seeds", "3", "--root", str(root), "--", *TINY])
+    assert code == 0
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["quickstart-toy-catch-barlow-s3", "quickstart-toy-catch-none-s3"]
+    assert {r.data.params["model.objective.class_path"] for r in runs} == {"wm.objectives.Barlow", "wm.objectives.NoObjective"}
+    assert all(r.data.params["seed_everything"] == "3" for r in runs)
+    assert all(client.list_artifacts(r.info.run_id) for r in runs)

@@ -1,0 +1,116 @@
+"""Sweeps: tasks x objectives x seeds as runs of one MLflow experiment per benchmark.
+
+    python -m wm.sweep --config configs/dmc_subtle.yaml --objectives barlow mudreamer reconstruction \\
+        --seeds 0 1 2                      # run one after another here
+    python -m wm.sweep --config configs/atari100k.yaml --tasks atari-pong atari-breakout \\
+        --seeds 0 1 --slurm sweep.sbatch   # write a SLURM job-array script instead
+
+Every run is `python -m wm fit` with the benchmark config, an objective config, the task and the
+seed; all runs of a sweep share one tracking store (`<root>/mlflow.db` unless --tracking-uri) and
+the experiment named in the config, so their curves sit side by side in `mlflow ui`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from wm.objectives import OBJECTIVES
+
+OBJECTIVE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "objective"
+
+
+def benchmark_of(config: Path) -> tuple[str, str]:
+    """(experiment name, default task) of a benchmark config."""
+    data = yaml.safe_load(config.read_text()) or {}
+    experiment = (data.get("run") or {}).get("experiment") or config.stem
+    task = (data.get("env") or {}).get("task")
+    return experiment, task
+
+
+def sweep_commands(
+    config: Path, tasks: list[str], objectives: list[str], seeds: list[int], root: Path, tracking_uri: str, extra: list[str]
+) -> list[list[str]]:
+    """One `python -m wm fit` command per (task, objective, seed)."""
+    unknown = [o for o in objectives if o not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"unknown objectives {unknown}; choose from {', '.join(OBJECTIVES)}")
+    experiment, default_task = benchmark_of(config)
+    tasks = tasks or [default_task]
+    tracking_uri = tracking_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    commands = []
+    for task, objective, seed in itertools.product(tasks, objectives, seeds):
+        commands.append([
+            sys.executable, "-m", "wm", "fit",
+            "--config", str(config), "--config", str(OBJECTIVE_CONFIGS / f"{objective}.yaml"),
+            "--env.task", task, "--seed_everything", str(seed), "--env.seed", str(seed),
+            "--run.root", str(root), "--run.experiment", experiment, "--run.tracking_uri", tracking_uri,
+            "--run.name", f"{experiment}-{task}-{objective}-s{seed}",
+            *extra,
+        ])
+    return commands
+
+
+def slurm_script(commands: list[list[str]], job_name: str, slurm_options: list[str]) -> str:
+    """A job-array script: array task i runs command i."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array=0-{len(commands) - 1}"]
+    lines += [f"#SBATCH {option}" for option in slurm_options]
+    lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}", "COMMANDS=("]
+    lines += [f"  {shlex.quote(shlex.join(command))}" for command in commands]
+    lines += [")", 'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"', ""]
+    return "\n".join(lines)
+
+
+def run_locally(commands: list[list[str]]) -> int:
+    """Run one after another; a failed run is reported and the sweep goes on."""
+    failed = []
+    for i, command in enumerate(commands, 1):
+        print(f"[{i}/{len(commands)}] {shlex.join(command[1:])}", flush=True)
+        if subprocess.run(command).returncode:
+            failed.append(command)
+    for command in failed:
+        print(f"FAILED: {shlex.join(command[1:])}", file=sys.stderr)
+    print(f"{len(commands) - len(failed)} of {len(commands)} runs finished")
+    return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m wm.sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="benchmark config, e.g. configs/dmc.yaml")
+    parser.add_argument("--tasks", nargs="*", default=[], help="tasks (default: the config's task)")
+    parser.add_argument("--objectives", nargs="+", default=["barlow"], choices=list(OBJECTIVES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--root", type=Path, default=None, help="run folder root (default: runs/<experiment>)")
+    parser.add_argument("--tracking-uri", default="", help="MLflow store shared by the runs (default: <root>/mlflow.db)")
+    parser.add_argument("--slurm", type=Path, default=None, help="write a SLURM job-array script here instead of running")
+    parser.add_argument("--slurm-option", action="append", default=[], help='e.g. --slurm-option="--gres=gpu:1"')
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: arguments passed to every run")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    experiment, _ = benchmark_of(args.config)
+    root = args.root or Path("runs") / experiment
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    commands = sweep_commands(args.config, args.tasks, args.objectives, args.seeds, root, args.tracking_uri, extra)
+    if args.dry_run:
+        print("\n".join(shlex.join(c) for c in commands))
+        return 0
+    if args.slurm:
+        args.slurm.write_text(slurm_script(commands, f"wm-{experiment}", args.slurm_option))
+        print(f"wrote {args.slurm}: {len(commands)} array tasks; submit with `sbatch {args.slurm}`")
+        return 0
+    root.mkdir(parents=True, exist_ok=True)
+    return run_locally(commands)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
