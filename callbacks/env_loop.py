@@ -7,14 +7,17 @@ logged; counters live in `state_dict` so a resumed run continues its step count.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
+import imageio.v2 as imageio
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 
 from wm.envs import make_env, make_vector_env
 from wm.logger import EnvStepMLFlowLogger
@@ -248,11 +251,13 @@ class EnvLoop(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Greedy episodes on a separate env; logs and returns the mean return."""
         env = self._make_env(self.rank_seed + 10**6 + self.episodes)
-        returns, successes = [], []
-        for _ in range(self.eval_episodes):
+        returns, successes, frames = [], [], []
+        for episode in range(self.eval_episodes):
             obs, _ = env.reset()
             state, first, total, success, done = None, True, 0.0, False, False
             while not done:
+                if episode == 0 and "image" in obs:
+                    frames.append(obs["image"])
                 batch = {k: torch.as_tensor(v)[None] for k, v in obs.items()}
                 batch["is_first"] = torch.tensor([first])
                 action, state = pl_module.act(batch, state, mode="greedy")
@@ -264,6 +269,7 @@ class EnvLoop(L.Callback):
             returns.append(total)
             successes.append(success)
         env.close()
+        self._log_video(trainer, frames)
         self.last_eval_return = float(np.mean(returns))
         self._log_to_loggers(trainer, {
             "eval/return": self.last_eval_return,
@@ -281,6 +287,17 @@ class EnvLoop(L.Callback):
                 logger.env_steps = self.env_steps
             if trainer.is_global_zero:
                 logger.log_metrics(metrics, step=self.env_steps)
+
+    def _log_video(self, trainer: L.Trainer, frames: list[np.ndarray]) -> None:
+        """The first evaluation episode as a GIF artifact, `videos/eval_<env frames>.gif`."""
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+        if not frames or not loggers or not trainer.is_global_zero:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"eval_{self.env_steps:09d}.gif"
+            imageio.mimsave(path, frames, duration=50, loop=0)
+            for logger in loggers:
+                logger.experiment.log_artifact(logger.run_id, str(path), "videos")
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         now = time.perf_counter()

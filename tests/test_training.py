@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio.v2 as iio
 import numpy as np
 import pytest
 import torch
@@ -65,7 +66,10 @@ def test_fit_logs_a_run_that_mlflow_reads_back(tmp_path):
     assert max(m.step for m in losses) >= 40  # env frames, not the ~24 updates
     assert client.get_metric_history(run.info.run_id, "eval/return")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "config.yaml" in artifacts
+    assert "config.yaml" in artifacts and "videos" in artifacts
+    video = client.download_artifacts(run.info.run_id, "videos", str(tmp_path / "dl"))
+    gif = next(Path(video).glob("eval_*.gif"))
+    assert np.asarray(iio.mimread(gif)).shape[1:3] == (64, 64)
     config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "dl"))).read_text()
     assert "task: toy-catch" in config and "class_path: wm.objectives.Barlow" in config
     checkpoint = client.download_artifacts(run.info.run_id, "last/last.ckpt", str(tmp_path / "dl"))
