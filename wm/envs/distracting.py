@@ -34,8 +34,10 @@ def replace_background(frame: np.ndarray, background: np.ndarray) -> np.ndarray:
 
 
 class ProceduralSource:
-    """The default background: coloured noise with the 1/f spectrum of natural images, which scrolls
-    and evolves over time. Frames are computed on the fly (no memory), deterministic given the seed.
+    """The default background: coloured noise with a power-law spectrum like natural images' (amplitude
+    ~ frequency^-1.5, slightly smoother than their 1/f so it reads as shapes at 64x64, not pixel noise),
+    which scrolls and evolves over time. Frames are computed on the fly (no memory), deterministic
+    given the seed.
 
     Each of `num_clips` clips has random phases per frequency and channel (independent channels give
     both blue-dominant and other regions), a scroll velocity and per-frequency phase drifts.
@@ -48,10 +50,10 @@ class ProceduralSource:
         self._fy = np.fft.fftfreq(image_size)[:, None, None]  # cycles per pixel, as rfft2 lays them out
         self._fx = np.fft.rfftfreq(image_size)[None, :, None]
         frequency = np.hypot(self._fy, self._fx)
-        amplitude = np.divide(1.0, frequency, out=np.zeros_like(frequency), where=frequency > 0)
+        amplitude = np.divide(1.0, frequency**1.5, out=np.zeros_like(frequency), where=frequency > 0)
         self._spectra = amplitude * np.exp(2j * np.pi * rng.random(shape))
         self._velocity = rng.uniform(-1.0, 1.0, (num_clips, 2))  # pixels per frame, (y, x)
-        self._drift = rng.normal(0.0, 0.02, shape)  # cycles per frame
+        self._drift = rng.normal(0.0, 0.03, shape)  # cycles per frame
 
     def frame(self, clip: int, t: int) -> np.ndarray:
         """Frame t of a clip, (S, S, 3) uint8."""
@@ -92,7 +94,8 @@ class VideoFolderSource:
 
     def _load(self, path: Path) -> np.ndarray:
         if path.is_dir():
-            frames = (iio.imread(p) for p in sorted(path.iterdir()) if p.suffix.lower() in self.FRAME_SUFFIXES)
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in self.FRAME_SUFFIXES)
+            frames = (iio.imread(p) for p in files)
         else:
             frames = iio.imiter(path)
         size = (self.image_size, self.image_size)
