@@ -56,6 +56,8 @@ class EnvLoop(L.Callback):
         eval_every: environment frames between greedy evaluations (0: only at the end).
         eval_episodes: episodes per evaluation.
         seed: environment seed; rank r of a multi-process run uses seed + 1000 r.
+        video_dir: background videos of dmc_distracting tasks (train/ and eval/ sub-folders);
+            none: the built-in procedural backgrounds.
     """
 
     def __init__(
@@ -70,11 +72,12 @@ class EnvLoop(L.Callback):
         eval_every: int = 0,
         eval_episodes: int = 10,
         seed: int = 0,
+        video_dir: str | None = None,
     ):
         super().__init__()
         self.task, self.num_envs, self.action_repeat, self.time_limit = task, num_envs, action_repeat, time_limit
         self.total_steps, self.prefill, self.train_ratio = total_steps, prefill, train_ratio
-        self.eval_every, self.eval_episodes, self.seed = eval_every, eval_episodes, seed
+        self.eval_every, self.eval_episodes, self.seed, self.video_dir = eval_every, eval_episodes, seed, video_dir
         probe = self._make_env(seed)
         self.spec = env_spec(probe)
         probe.close()
@@ -91,8 +94,8 @@ class EnvLoop(L.Callback):
         self.saved_buffer_at = -1
 
     # --------------------------------------------------------------------------- plumbing
-    def _make_env(self, seed: int | None) -> gym.Env:
-        return make_env(self.task, self.action_repeat, self.time_limit, seed=seed)
+    def _make_env(self, seed: int | None, split: str = "train") -> gym.Env:
+        return make_env(self.task, self.action_repeat, self.time_limit, seed=seed, video_dir=self.video_dir, split=split)
 
     def state_dict(self) -> dict:
         return {
@@ -153,7 +156,7 @@ class EnvLoop(L.Callback):
         # first batch, so the buffer is reloaded and prefilled in time; the envs start fresh.
         self.envs = make_vector_env(
             self.task, self.num_envs, self.action_repeat, seed=self.rank_seed + self.episodes,
-            time_limit=self.time_limit, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+            time_limit=self.time_limit, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP, video_dir=self.video_dir,
         )
         self.rng = np.random.default_rng(self.rank_seed + self.env_steps)
         self.obs, _ = self.envs.reset(seed=self.rank_seed + self.episodes)
@@ -250,7 +253,7 @@ class EnvLoop(L.Callback):
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Greedy episodes on a separate env; logs and returns the mean return."""
-        env = self._make_env(self.rank_seed + 10**6 + self.episodes)
+        env = self._make_env(self.rank_seed + 10**6 + self.episodes, split="eval")
         returns, successes, frames = [], [], []
         for episode in range(self.eval_episodes):
             obs, _ = env.reset()

@@ -118,10 +118,11 @@ def test_dmc_pixels_with_action_repeat():
 
 def test_unknown_tasks_list_valid_names():
     with pytest.raises(ValueError, match="dmc-walker_walk") as error:
-        make_env("dmc-walker_fly")
-    assert "toy-catch" in str(error.value) and "dmc-ball_in_cup_catch" in str(error.value)
-    with pytest.raises(ValueError, match="toy-point_reach"):
-        make_env("atari-pong")
+        make_env("dmc-walker_fly")  # a known suite lists its own tasks
+    assert "dmc-ball_in_cup_catch" in str(error.value) and "toy-catch" not in str(error.value)
+    with pytest.raises(ValueError, match="toy-point_reach") as error:
+        make_env("gym-pong")  # an unknown suite lists every task
+    assert "dmc_subtle-reacher_hard" in str(error.value)
     with pytest.raises(ValueError, match="walker_walk"):
         DMCEnv("walker", "fly")
     assert "dmc-ball_in_cup_catch" in available_tasks()

@@ -1,6 +1,10 @@
 """Task factory for the pixel environments, and their gymnasium registration as "wm/<task>".
 
-Task names: "toy-point_reach", "toy-catch" and "dmc-<domain>_<task>" (e.g. "dmc-walker_walk").
+Task names are "<suite>-<name>":
+  toy-point_reach, toy-catch                       built-in numpy tasks, no simulator
+  dmc-<domain>_<task>          e.g. dmc-walker_walk DeepMind Control from pixels
+  dmc_subtle-<domain>_<task>   e.g. dmc_subtle-reacher_hard  (R2-Dreamer's shrunk objects)
+  dmc_distracting-<domain>_<task>                  DMC with video backgrounds
 """
 
 from __future__ import annotations
@@ -8,12 +12,16 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import gymnasium as gym
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from gymnasium.wrappers import TimeLimit
 
+from wm.envs.distracting import DistractingDMCEnv
 from wm.envs.dmc import DMCEnv, dmc_tasks
+from wm.envs.dmc_subtle import SUBTLE_TASKS, DMCSubtleEnv
 from wm.envs.toy import TOY_TASKS, Catch, PointReach
 from wm.envs.wrappers import ActionRepeat
 
@@ -21,16 +29,56 @@ __all__ = [
     "ActionRepeat",
     "Catch",
     "DMCEnv",
+    "DMCSubtleEnv",
+    "DistractingDMCEnv",
     "PointReach",
+    "SUITES",
     "available_tasks",
     "make_env",
     "make_vector_env",
 ]
 
 
-def available_tasks() -> list[str]:
-    """Every task name make_env accepts."""
-    return [f"toy-{name}" for name in TOY_TASKS] + [f"dmc-{name}" for name in dmc_tasks()]
+@dataclass(frozen=True)
+class Suite:
+    """A family of tasks: its task names and how to build one with the action repeat applied.
+
+    `build(name, image_size, action_repeat, video_dir, split)`; the built env's `episode_steps`
+    (environment frames, None if episodes end themselves) sets the default time limit.
+    """
+
+    tasks: Callable[[], list[str]]
+    build: Callable[..., gym.Env]
+
+
+def _toy(name, image_size, action_repeat, video_dir, split):
+    return ActionRepeat(TOY_TASKS[name](image_size), action_repeat)
+
+
+def _dmc(name, image_size, action_repeat, video_dir, split):
+    return DMCEnv(*dmc_tasks()[name], image_size=image_size, action_repeat=action_repeat)
+
+
+def _dmc_subtle(name, image_size, action_repeat, video_dir, split):
+    return DMCSubtleEnv(name, image_size=image_size, action_repeat=action_repeat)
+
+
+def _dmc_distracting(name, image_size, action_repeat, video_dir, split):
+    return DistractingDMCEnv(*dmc_tasks()[name], video_dir=video_dir, split=split, image_size=image_size,
+                             action_repeat=action_repeat)
+
+
+SUITES: dict[str, Suite] = {
+    "toy": Suite(lambda: list(TOY_TASKS), _toy),
+    "dmc": Suite(lambda: list(dmc_tasks()), _dmc),
+    "dmc_subtle": Suite(lambda: list(SUBTLE_TASKS), _dmc_subtle),
+    "dmc_distracting": Suite(lambda: list(dmc_tasks()), _dmc_distracting),
+}
+
+
+def available_tasks(suites: list[str] | None = None) -> list[str]:
+    """Every task name make_env accepts (of the given suites)."""
+    return [f"{suite}-{name}" for suite in (suites or SUITES) for name in SUITES[suite].tasks()]
 
 
 def make_env(
@@ -39,23 +87,23 @@ def make_env(
     time_limit: int | None = None,
     seed: int | None = None,
     image_size: int = 64,
+    video_dir: str | None = None,
+    split: str = "train",
 ) -> gym.Env:
     """Builds a task with action repeat and a time limit counted in agent steps (after the repeat).
 
     time_limit defaults to the task's episode length divided by the repeat (DMC: 1000 // action_repeat;
     Catch ends itself). A seed resets the env and seeds its action space once, so it is deterministic.
+    `video_dir` and `split` ("train" or "eval") choose the background videos of dmc_distracting.
     """
-    kind, _, name = task.partition("-")
-    if kind == "toy" and name in TOY_TASKS:
-        env_cls = TOY_TASKS[name]
-        env = ActionRepeat(env_cls(image_size), action_repeat)
-    elif kind == "dmc" and name in (suite_tasks := dmc_tasks()):
-        env_cls = DMCEnv
-        env = DMCEnv(*suite_tasks[name], image_size=image_size, action_repeat=action_repeat)
-    else:
-        raise ValueError(f"unknown task {task!r}; valid: {', '.join(available_tasks())}")
-    if time_limit is None and env_cls.episode_steps is not None:
-        time_limit = math.ceil(env_cls.episode_steps / action_repeat)
+    suite, _, name = task.partition("-")
+    if suite not in SUITES or name not in SUITES[suite].tasks():
+        known = available_tasks([suite]) if suite in SUITES else available_tasks()
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(known)}")
+    env = SUITES[suite].build(name, image_size, action_repeat, video_dir, split)
+    episode_steps = env.unwrapped.episode_steps
+    if time_limit is None and episode_steps is not None:
+        time_limit = math.ceil(episode_steps / action_repeat)
     if time_limit is not None:
         env = TimeLimit(env, time_limit)
     if seed is not None:
@@ -73,6 +121,7 @@ def make_vector_env(
     image_size: int = 64,
     asynchronous: bool = True,
     autoreset_mode: AutoresetMode = AutoresetMode.SAME_STEP,
+    video_dir: str | None = None,
 ) -> gym.vector.VectorEnv:
     """Runs num_envs copies of a task (env i seeded seed + i), in worker processes when asynchronous.
 
@@ -80,7 +129,8 @@ def make_vector_env(
     next episode's first observation and puts the last one in infos["final_obs"] (masked by
     infos["_final_obs"]). NEXT_STEP: the step after the last one resets that env, ignoring its
     action, which is the one-row-per-step layout of the replay buffer.
-    DMC workers start by forkserver, as a forked copy of a process holding a GL context is unsafe.
+    Simulator workers start by forkserver, as a forked copy of a process holding a GL context is
+    unsafe; the numpy toy tasks fork.
     """
     env_fns = [
         functools.partial(
@@ -90,24 +140,26 @@ def make_vector_env(
             time_limit=time_limit,
             seed=None if seed is None else seed + index,
             image_size=image_size,
+            video_dir=video_dir,
         )
         for index in range(num_envs)
     ]
     if num_envs == 1 or not asynchronous:
         return SyncVectorEnv(env_fns, autoreset_mode=autoreset_mode)
-    context = "forkserver" if task.startswith("dmc-") else "fork"
+    context = "fork" if task.startswith("toy-") else "forkserver"
     return AsyncVectorEnv(env_fns, context=context, autoreset_mode=autoreset_mode)
 
 
 def _register() -> None:
-    """Registers every task as "wm/<task>"; DMC ones only where dm_control can load."""
-    try:
-        tasks = available_tasks()
-    except RuntimeError as e:
-        warnings.warn(f"DMC tasks not registered: {e}", stacklevel=2)
-        tasks = [f"toy-{name}" for name in TOY_TASKS]
-    for task in tasks:
-        gym.register(f"wm/{task}", entry_point="wm.envs:make_env", kwargs={"task": task})
+    """Registers every task as "wm/<task>", skipping a suite whose simulator cannot load here."""
+    for suite in SUITES:
+        try:
+            tasks = available_tasks([suite])
+        except RuntimeError as e:
+            warnings.warn(f"{suite} tasks not registered: {e}", stacklevel=2)
+            continue
+        for task in tasks:
+            gym.register(f"wm/{task}", entry_point="wm.envs:make_env", kwargs={"task": task})
 
 
 _register()

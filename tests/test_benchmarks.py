@@ -1,0 +1,30 @@
+"""Each benchmark config runs end to end: a short fit with a small model that logs to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from wm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--model.size", "size1M", "--data.batch_size", "2", "--data.sequence_length", "8", "--data.capacity", "1000",
+         "--env.num_envs", "1", "--env.prefill", "16", "--env.train_ratio", "16", "--env.total_steps", "40",
+         "--env.eval_episodes", "0", "--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.mark.parametrize("benchmark, objective", [("dmc_subtle", "reconstruction"), ("dmc_distracting", "mudreamer")])
+def test_benchmark_config_fits_and_logs(tmp_path, benchmark, objective):
+    config = REPO / f"configs/{benchmark}.yaml"
+    main(["fit", "--config", str(config), "--config", str(REPO / f"configs/objective/{objective}.yaml"), *SMALL,
+          "--run.root", str(tmp_path)])
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith(f"{benchmark}-") and f"-{objective}-s0" in run_dir.name
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(benchmark).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["env.task"].startswith(f"{benchmark}-")
+    assert client.get_metric_history(run.info.run_id, "train/world_model/loss")
+    assert (run_dir / "checkpoints/last.ckpt").exists()
