@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from wm.cli import main
@@ -16,15 +17,18 @@ SMALL = ["--model.size", "size1M", "--data.batch_size", "2", "--data.sequence_le
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-@pytest.mark.parametrize("benchmark, objective", [("dmc_subtle", "reconstruction"), ("dmc_distracting", "mudreamer")])
+@pytest.mark.parametrize(
+    "benchmark, objective", [("dmc_subtle", "reconstruction"), ("dmc_distracting", "mudreamer"), ("atari100k", "barlow")]
+)
 def test_benchmark_config_fits_and_logs(tmp_path, benchmark, objective):
     config = REPO / f"configs/{benchmark}.yaml"
     main(["fit", "--config", str(config), "--config", str(REPO / f"configs/objective/{objective}.yaml"), *SMALL,
           "--run.root", str(tmp_path)])
     (run_dir,) = tmp_path.iterdir()
-    assert run_dir.name.startswith(f"{benchmark}-") and f"-{objective}-s0" in run_dir.name
+    task = yaml.safe_load(config.read_text())["env"]["task"]
+    assert run_dir.name == f"{task}-{objective}-s0"  # suite (benchmark), task, objective, seed
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name(benchmark).experiment_id])
-    assert run.info.status == "FINISHED" and run.data.params["env.task"].startswith(f"{benchmark}-")
+    assert run.info.status == "FINISHED" and run.data.params["env.task"] == task
     assert client.get_metric_history(run.info.run_id, "train/world_model/loss")
     assert (run_dir / "checkpoints/last.ckpt").exists()

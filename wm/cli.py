@@ -23,6 +23,7 @@ from callbacks.env_loop import EnvLoop
 from datamodules import ReplayDataModule
 from wm.agent import Agent
 from wm.logger import EnvStepMLFlowLogger
+from wm.objectives import OBJECTIVES
 
 
 @dataclass
@@ -78,9 +79,11 @@ def env_loop_of(trainer) -> EnvLoop:
 
 
 def default_run_name(config) -> str:
+    """"<task>-<objective>-s<seed>": the task names the suite (benchmark) too."""
     objective = config.model.objective
-    objective_name = objective.class_path.rsplit(".", 1)[-1].lower() if objective else "barlow"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{config.env.task}-{objective_name}-s{config.seed_everything}")
+    class_name = objective.class_path.rsplit(".", 1)[-1] if objective else "Barlow"
+    short = {cls.__name__: name for name, cls in OBJECTIVES.items()}.get(class_name, class_name.lower())
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{config.env.task}-{short}-s{config.seed_everything}")
 
 
 def check_checkpoint(path: Path) -> None:

@@ -6,7 +6,7 @@
         --seeds 0 1 --slurm sweep.sbatch   # write a SLURM job-array script instead
 
 Every run is `python -m wm fit` with the benchmark config, an objective config, the task and the
-seed; all runs of a sweep share one tracking store (`<root>/mlflow.db` unless --tracking-uri) and
+seed, in `<root>/<task>-<objective>-s<seed>`; all runs of a sweep share one tracking store (`<root>/mlflow.db` unless --tracking-uri) and
 the experiment named in the config, so their curves sit side by side in `mlflow ui`.
 """
 
@@ -51,7 +51,6 @@ def sweep_commands(
             "--config", str(config), "--config", str(OBJECTIVE_CONFIGS / f"{objective}.yaml"),
             "--env.task", task, "--seed_everything", str(seed), "--env.seed", str(seed),
             "--run.root", str(root), "--run.experiment", experiment, "--run.tracking_uri", tracking_uri,
-            "--run.name", f"{experiment}-{task}-{objective}-s{seed}",
             *extra,
         ])
     return commands

@@ -5,6 +5,7 @@ Task names are "<suite>-<name>":
   dmc-<domain>_<task>          e.g. dmc-walker_walk DeepMind Control from pixels
   dmc_subtle-<domain>_<task>   e.g. dmc_subtle-reacher_hard  (R2-Dreamer's shrunk objects)
   dmc_distracting-<domain>_<task>                  DMC with video backgrounds
+  atari-<game>                 e.g. atari-pong     the 26 games of Atari 100k
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import gymnasium as gym
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from gymnasium.wrappers import TimeLimit
 
+from wm.envs.ale import ATARI_GAMES, AtariEnv
 from wm.envs.distracting import DistractingDMCEnv
 from wm.envs.dmc import DMCEnv, dmc_tasks
 from wm.envs.dmc_subtle import SUBTLE_TASKS, DMCSubtleEnv
@@ -27,6 +29,7 @@ from wm.envs.wrappers import ActionRepeat
 
 __all__ = [
     "ActionRepeat",
+    "AtariEnv",
     "Catch",
     "DMCEnv",
     "DMCSubtleEnv",
@@ -68,11 +71,16 @@ def _dmc_distracting(name, image_size, action_repeat, video_dir, split):
                              action_repeat=action_repeat)
 
 
+def _atari(name, image_size, action_repeat, video_dir, split):
+    return AtariEnv(name, image_size=image_size, action_repeat=action_repeat)
+
+
 SUITES: dict[str, Suite] = {
     "toy": Suite(lambda: list(TOY_TASKS), _toy),
     "dmc": Suite(lambda: list(dmc_tasks()), _dmc),
     "dmc_subtle": Suite(lambda: list(SUBTLE_TASKS), _dmc_subtle),
     "dmc_distracting": Suite(lambda: list(dmc_tasks()), _dmc_distracting),
+    "atari": Suite(lambda: list(ATARI_GAMES), _atari),
 }
 
 
