@@ -18,12 +18,14 @@ SMALL = ["--model.size", "size1M", "--data.batch_size", "2", "--data.sequence_le
 
 
 @pytest.mark.parametrize(
-    "benchmark, objective", [("dmc_subtle", "reconstruction"), ("dmc_distracting", "mudreamer"), ("atari100k", "barlow")]
+    "benchmark, objective",
+    [("dmc_subtle", "reconstruction"), ("dmc_distracting", "mudreamer"), ("atari100k", "barlow"), ("metaworld", "none")],
 )
 def test_benchmark_config_fits_and_logs(tmp_path, benchmark, objective):
     config = REPO / f"configs/{benchmark}.yaml"
+    short_episodes = ["--env.time_limit", "6"]  # so that episodes, and their success, are logged
     main(["fit", "--config", str(config), "--config", str(REPO / f"configs/objective/{objective}.yaml"), *SMALL,
-          "--run.root", str(tmp_path)])
+          *short_episodes, "--run.root", str(tmp_path)])
     (run_dir,) = tmp_path.iterdir()
     task = yaml.safe_load(config.read_text())["env"]["task"]
     assert run_dir.name == f"{task}-{objective}-s0"  # suite (benchmark), task, objective, seed
@@ -32,3 +34,5 @@ def test_benchmark_config_fits_and_logs(tmp_path, benchmark, objective):
     assert run.info.status == "FINISHED" and run.data.params["env.task"] == task
     assert client.get_metric_history(run.info.run_id, "train/world_model/loss")
     assert (run_dir / "checkpoints/last.ckpt").exists()
+    assert client.get_metric_history(run.info.run_id, "episode/return")
+    assert client.get_metric_history(run.info.run_id, "episode/success")

@@ -6,6 +6,7 @@ Task names are "<suite>-<name>":
   dmc_subtle-<domain>_<task>   e.g. dmc_subtle-reacher_hard  (R2-Dreamer's shrunk objects)
   dmc_distracting-<domain>_<task>                  DMC with video backgrounds
   atari-<game>                 e.g. atari-pong     the 26 games of Atari 100k
+  metaworld-<task>             e.g. metaworld-reach-v3  the 50 tasks of Meta-World MT1
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from wm.envs.ale import ATARI_GAMES, AtariEnv
 from wm.envs.distracting import DistractingDMCEnv
 from wm.envs.dmc import DMCEnv, dmc_tasks
 from wm.envs.dmc_subtle import SUBTLE_TASKS, DMCSubtleEnv
+from wm.envs.meta_world import MetaWorldEnv, metaworld_tasks
 from wm.envs.toy import TOY_TASKS, Catch, PointReach
 from wm.envs.wrappers import ActionRepeat
 
@@ -34,6 +36,7 @@ __all__ = [
     "DMCEnv",
     "DMCSubtleEnv",
     "DistractingDMCEnv",
+    "MetaWorldEnv",
     "PointReach",
     "SUITES",
     "available_tasks",
@@ -75,12 +78,17 @@ def _atari(name, image_size, action_repeat, video_dir, split):
     return AtariEnv(name, image_size=image_size, action_repeat=action_repeat)
 
 
+def _metaworld(name, image_size, action_repeat, video_dir, split):
+    return MetaWorldEnv(name, image_size=image_size, action_repeat=action_repeat)
+
+
 SUITES: dict[str, Suite] = {
     "toy": Suite(lambda: list(TOY_TASKS), _toy),
     "dmc": Suite(lambda: list(dmc_tasks()), _dmc),
     "dmc_subtle": Suite(lambda: list(SUBTLE_TASKS), _dmc_subtle),
     "dmc_distracting": Suite(lambda: list(dmc_tasks()), _dmc_distracting),
     "atari": Suite(lambda: list(ATARI_GAMES), _atari),
+    "metaworld": Suite(metaworld_tasks, _metaworld),
 }
 
 

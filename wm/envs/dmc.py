@@ -13,9 +13,10 @@ from wm.envs.base import PixelEnv
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before dm_control loads
 
 
-def _gl_error(cause: Exception) -> RuntimeError:
+def gl_error(cause: Exception) -> RuntimeError:
+    """What to install and which MUJOCO_GL to set when MuJoCo cannot render."""
     return RuntimeError(
-        f"dm_control could not load or render with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} ({cause!r}). "
+        f"MuJoCo (dm_control / Meta-World) could not load or render with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} ({cause!r}). "
         "Install `dm_control==1.0.28 mujoco==3.3.0`, then an OpenGL backend: on CPU, Mesa's EGL "
         "(apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri) with MUJOCO_GL=egl, or OSMesa "
         "(apt-get install libosmesa6) with MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa; on an NVIDIA "
@@ -27,7 +28,7 @@ def _suite():
     try:
         from dm_control import suite
     except Exception as e:  # a missing GL library surfaces as ImportError, AttributeError or OSError
-        raise _gl_error(e) from e
+        raise gl_error(e) from e
     return suite
 
 
@@ -64,7 +65,7 @@ class DMCEnv(PixelEnv):
         try:  # render once now, so a missing GL backend fails here rather than mid-training
             self._render()
         except Exception as e:
-            raise _gl_error(e) from e
+            raise gl_error(e) from e
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
