@@ -80,3 +80,17 @@ def test_observation_is_max_of_last_two_frames():
 def test_unknown_game_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown task 'atari-tetris'.*atari-pong"):
         make_env("atari-tetris")
+
+
+def test_losing_a_life_is_not_terminal():
+    env = AtariEnv("breakout")
+    env.reset(seed=0)
+    lives, terminated, steps = [env.ale.lives()], False, 0
+    while not terminated and steps < 5000:
+        _, _, terminated, _, _ = env.step(0)  # NOOP: the ball is never served again after a loss
+        lives.append(env.ale.lives())
+        steps += 1
+        if lives[-1] < lives[-2]:
+            assert not terminated or lives[-1] == 0, "a lost life ended the episode"
+        env.step(1)  # FIRE serves the next ball
+    assert lives[0] == 5 and min(lives) < 5

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from wm.cli import main
+from wm.envs import available_tasks, make_env
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--model.size", "size1M", "--data.batch_size", "2", "--data.sequence_length", "8", "--data.capacity", "1000",
@@ -36,3 +39,25 @@ def test_benchmark_config_fits_and_logs(tmp_path, benchmark, objective):
     assert (run_dir / "checkpoints/last.ckpt").exists()
     assert client.get_metric_history(run.info.run_id, "episode/return")
     assert client.get_metric_history(run.info.run_id, "episode/success")
+
+
+@pytest.mark.parametrize(
+    "task", ["toy-catch", "dmc-cartpole_balance", "dmc-quadruped_walk", "dmc_subtle-point_mass_easy", "dmc_distracting-cheetah_run",
+             "atari-breakout", "metaworld-reach-v3"],
+)
+def test_every_suite_is_registered_with_gymnasium(task):
+    env = gym.make(f"wm/{task}")
+    obs, _ = env.reset(seed=0)
+    assert obs["image"].shape == (64, 64, 3) and obs["image"].dtype == np.uint8
+    obs, *_ = env.step(env.action_space.sample())
+    assert obs["image"].shape == (64, 64, 3)
+    env.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", available_tasks(["dmc", "dmc_subtle", "dmc_distracting"]))
+def test_every_dmc_task_steps(task):
+    env = make_env(task, seed=0)
+    obs, *_ = env.step(env.action_space.sample())
+    assert obs["image"].shape == (64, 64, 3) and obs["image"].dtype == np.uint8
+    env.close()

@@ -77,6 +77,18 @@ def test_video_folder_source_reads_splits_separately(tmp_path):
         VideoFolderSource(tmp_path / "missing")
 
 
+def test_video_folder_source_reads_mp4(tmp_path):
+    """Real video files through PyAV: flat-colour frames survive the codec nearly unchanged."""
+    levels = np.arange(8) * 30
+    frames = np.repeat(levels[:, None, None, None], 32, 1).repeat(32, 2).repeat(3, 3).astype(np.uint8)
+    for split in ("train", "eval"):
+        (tmp_path / split).mkdir()
+        iio.imwrite(tmp_path / split / "clip.mp4", frames, plugin="pyav", codec="mpeg4", fps=10)
+    (clip,) = VideoFolderSource(tmp_path, "train", image_size=16).clips
+    assert clip.shape == (8, 16, 16, 3) and clip.dtype == np.uint8
+    np.testing.assert_allclose(clip.reshape(8, -1).mean(1), levels, atol=6)
+
+
 def test_env_replaces_only_the_background_and_the_video_advances():
     env = DistractingDMCEnv("cartpole", "swingup", action_repeat=2)
     first = env.reset(seed=0)[0]["image"]
