@@ -22,7 +22,8 @@ SMALL = ["--model.size", "size1M", "--data.batch_size", "2", "--data.sequence_le
 
 @pytest.mark.parametrize(
     "benchmark, objective",
-    [("dmc_subtle", "reconstruction"), ("dmc_distracting", "mudreamer"), ("atari100k", "barlow"), ("metaworld", "none")],
+    [("dmc", "barlow"), ("dmc_subtle", "reconstruction"), ("dmc_distracting", "mudreamer"), ("atari100k", "barlow"),
+     ("metaworld", "none")],
 )
 def test_benchmark_config_fits_and_logs(tmp_path, benchmark, objective):
     config = REPO / f"configs/{benchmark}.yaml"
