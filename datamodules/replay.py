@@ -144,7 +144,8 @@ class ReplayBuffer:
         self._check_keys()
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-        self.arrays = {name: self._allocate(name, shape, dtype) for name, (shape, dtype) in self._layout().items()}
+        self.layout = self._layout()
+        self.arrays = {name: self._allocate(name, shape, dtype) for name, (shape, dtype) in self.layout.items()}
         self.steps_added = 0
 
     # ------------------------------------------------------------------------ configuration
@@ -226,7 +227,7 @@ class ReplayBuffer:
         """Store one vector-env step: every key with a leading num_envs axis. `action` is the
         action that led to this observation; it is zeroed where `is_first`."""
         row = {}
-        for name, (shape, dtype) in self._layout().items():
+        for name, (shape, dtype) in self.layout.items():
             if name in LATENT_KEYS:
                 continue
             if name not in step:
@@ -264,7 +265,7 @@ class ReplayBuffer:
         oldest = (self.position - self.filled) % self.capacity_per_env
         start = oldest + offset
         time = (start[:, None] + torch.arange(length, device=self.device)) % self.capacity_per_env
-        out = {name: self.arrays[name][time, env[:, None]] for name in self._layout() if name not in LATENT_KEYS}
+        out = {name: self.arrays[name][time, env[:, None]] for name in self.layout if name not in LATENT_KEYS}
         if self.latent_shape is not None:
             out.update(self._context(env, (start - 1) % self.capacity_per_env, has_previous=offset > 0))
         return out, ReplayIndex(env, time, self.rows_added)
