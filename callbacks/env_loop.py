@@ -172,6 +172,7 @@ class EnvLoop(L.Callback):
             self._restore(trainer)
         self._add(np.zeros((self.num_envs, self.spec.action_dim), np.float32), np.zeros(self.num_envs), self.done, self.done)
         self.clock = (time.perf_counter(), self.env_steps, trainer.global_step)
+        self.fps = self.updates_per_second = 0.0
         needed = max(self.prefill, trainer.datamodule.sequence_length * self.action_repeat * self.num_envs)
         while self.env_steps < needed or len(self.buffer) < trainer.datamodule.sequence_length * self.num_envs:
             self.step(pl_module, random=True)
@@ -209,18 +210,27 @@ class EnvLoop(L.Callback):
             return np.eye(self.spec.action_dim, dtype=np.float32)[self.rng.integers(0, self.spec.action_dim, self.num_envs)]
         return self.rng.uniform(-1, 1, (self.num_envs, self.spec.action_dim)).astype(np.float32)
 
+    def _to_env(self, action: np.ndarray) -> np.ndarray:
+        """Model actions (one-hot where discrete) to what the env takes (indices where discrete)."""
+        return action.argmax(-1) if self.spec.discrete else action
+
+    @staticmethod
+    def _act(pl_module, obs: dict, is_first: np.ndarray, state, mode: str):
+        """The agent's action for a batch of observations (numpy in, numpy out)."""
+        batch = {k: torch.as_tensor(v) for k, v in obs.items()}
+        batch["is_first"] = torch.as_tensor(is_first)
+        action, state = pl_module.act(batch, state, mode=mode)
+        return action.float().cpu().numpy(), state
+
     def _policy_action(self, pl_module) -> np.ndarray:
-        obs = {k: torch.as_tensor(v) for k, v in self.obs.items()}
-        obs["is_first"] = torch.as_tensor(self.is_first)
-        action, self.act_state = pl_module.act(obs, self.act_state, mode="sample")
-        return action.float().cpu().numpy()
+        action, self.act_state = self._act(pl_module, self.obs, self.is_first, self.act_state, "sample")
+        return action
 
     def step(self, pl_module: L.LightningModule, random: bool = False) -> None:
         """One step of every env; NEXT_STEP autoreset: the step after an episode's last one
         returns the next episode's first observation and ignores the action."""
         action = self._random_action() if random else self._policy_action(pl_module)
-        env_action = action.argmax(-1) if self.spec.discrete else action
-        self.obs, reward, terminated, truncated, info = self.envs.step(env_action)
+        self.obs, reward, terminated, truncated, info = self.envs.step(self._to_env(action))
         self.is_first = self.done
         self.done = terminated | truncated
         self._add(action, reward, terminated, self.done)
@@ -261,11 +271,8 @@ class EnvLoop(L.Callback):
             while not done:
                 if episode == 0 and "image" in obs:
                     frames.append(obs["image"])
-                batch = {k: torch.as_tensor(v)[None] for k, v in obs.items()}
-                batch["is_first"] = torch.tensor([first])
-                action, state = pl_module.act(batch, state, mode="greedy")
-                action = action[0].float().cpu().numpy()
-                obs, reward, terminated, truncated, info = env.step(action.argmax() if self.spec.discrete else action)
+                action, state = self._act(pl_module, {k: v[None] for k, v in obs.items()}, np.array([first]), state, "greedy")
+                obs, reward, terminated, truncated, info = env.step(self._to_env(action[0]))
                 total += float(reward)
                 success |= bool(info.get("success", False))
                 first, done = False, terminated or truncated
@@ -309,7 +316,8 @@ class EnvLoop(L.Callback):
             self.fps = (self.env_steps - steps) / (now - start)
             self.updates_per_second = (trainer.global_step - updates) / (now - start)
             self.clock = (now, self.env_steps, trainer.global_step)
-        if self.finished and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        log_now = trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+        if self.finished and log_now:
             # One write per logging interval: the mean over the episodes that ended in it.
             returns, lengths, successes = map(np.asarray, zip(*self.finished))
             self._log_to_loggers(trainer, {
@@ -321,11 +329,11 @@ class EnvLoop(L.Callback):
             self.finished.clear()
         progress = {
             "env_steps": float(self.env_steps),
-            "fps": getattr(self, "fps", 0.0),
-            "updates/s": getattr(self, "updates_per_second", 0.0),
+            "fps": self.fps,
+            "updates/s": self.updates_per_second,
             "return": self.last_return,
         }
         pl_module.log_dict(progress, prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if log_now:
             self._log_to_loggers(trainer, {"env/fps": progress["fps"], "env/updates_per_second": progress["updates/s"],
                                            "env/episodes": float(self.episodes), "train/updates": float(trainer.global_step)})

@@ -162,11 +162,12 @@ class WMCLI(LightningCLI):
         if logger.run_id is None:  # not rank zero
             return
         logged = logger.experiment.get_run(logger.run_id).data.params
-        name = f"config_resumed_{len([k for k in logged if k.startswith('resumed')])}.yaml" if logged else "config.yaml"
+        resumes = sum(k.startswith("resumed") for k in logged)
+        name = f"config_resumed_{resumes}.yaml" if logged else "config.yaml"
         logger.experiment.log_text(logger.run_id, text, name)
         params = {k: v for k, v in flatten(yaml.safe_load(text)).items() if k != "ckpt_path" and k not in logged}
         if logged:
-            params[f"resumed{len([k for k in logged if k.startswith('resumed')])}"] = name
+            params[f"resumed{resumes}"] = name
         logger.log_hyperparams(params)
 
 
