@@ -72,8 +72,8 @@ class ProceduralSource:
 
 class VideoFolderSource:
     """The clips under `directory/<split>/`, split "train" or "eval", so evaluation can use unseen
-    videos. A clip is a video file (GIF needs no extra package; mp4/avi/... need `imageio[ffmpeg]` or
-    `av`) or a folder of image frames in name order. Frames are resized and kept in memory as uint8.
+    videos. A clip is a video file (GIF, or mp4/avi/... read through PyAV, a dependency) or a folder
+    of image frames in name order. Frames are resized and kept in memory as uint8.
     """
 
     VIDEO_SUFFIXES = (".gif", ".mp4", ".avi", ".mov", ".mkv", ".webm")
