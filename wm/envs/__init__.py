@@ -26,6 +26,7 @@ from wm.envs.distracting import DistractingDMCEnv
 from wm.envs.dmc import DMCEnv, dmc_tasks
 from wm.envs.dmc_subtle import SUBTLE_TASKS, DMCSubtleEnv
 from wm.envs.meta_world import MetaWorldEnv, metaworld_tasks
+from wm.envs.restartable import RestartingVectorEnv
 from wm.envs.toy import TOY_TASKS, Catch, PointReach
 from wm.envs.wrappers import ActionRepeat
 
@@ -38,6 +39,7 @@ __all__ = [
     "DistractingDMCEnv",
     "MetaWorldEnv",
     "PointReach",
+    "RestartingVectorEnv",
     "SUITES",
     "available_tasks",
     "make_env",
@@ -138,13 +140,17 @@ def make_vector_env(
     asynchronous: bool = True,
     autoreset_mode: AutoresetMode = AutoresetMode.SAME_STEP,
     video_dir: str | None = None,
+    split: str = "train",
 ) -> gym.vector.VectorEnv:
     """Runs num_envs copies of a task (env i seeded seed + i), in worker processes when asynchronous.
 
     Autoreset is explicit. SAME_STEP (default): when an episode ends, step() already returns the
     next episode's first observation and puts the last one in infos["final_obs"] (masked by
     infos["_final_obs"]). NEXT_STEP: the step after the last one resets that env, ignoring its
-    action, which is the one-row-per-step layout of the replay buffer.
+    action, which is the one-row-per-step layout of the replay buffer; it gives a
+    RestartingVectorEnv, which replaces a crashed env worker (its episode ends truncated) instead of
+    failing the run. SAME_STEP gives a plain gymnasium vector env, as RestartingVectorEnv has no
+    SAME_STEP mode.
     Simulator workers start by forkserver, as a forked copy of a process holding a GL context is
     unsafe; the numpy toy tasks fork.
     """
@@ -157,12 +163,16 @@ def make_vector_env(
             seed=None if seed is None else seed + index,
             image_size=image_size,
             video_dir=video_dir,
+            split=split,
         )
         for index in range(num_envs)
     ]
-    if num_envs == 1 or not asynchronous:
-        return SyncVectorEnv(env_fns, autoreset_mode=autoreset_mode)
+    asynchronous = asynchronous and num_envs > 1
     context = "fork" if task.startswith("toy-") else "forkserver"
+    if autoreset_mode == AutoresetMode.NEXT_STEP:
+        return RestartingVectorEnv(env_fns, name=task, asynchronous=asynchronous, context=context, seed=seed)
+    if not asynchronous:
+        return SyncVectorEnv(env_fns, autoreset_mode=autoreset_mode)
     return AsyncVectorEnv(env_fns, context=context, autoreset_mode=autoreset_mode)
 
 
