@@ -24,6 +24,7 @@ from datamodules import ReplayDataModule
 from wm.agent import Agent
 from wm.logger import EnvStepMLFlowLogger
 from wm.objectives import OBJECTIVES
+from wm.validation import check_config
 
 
 @dataclass
@@ -116,6 +117,7 @@ class WMCLI(LightningCLI):
         return Path(config.run.root) / (config.run.name or default_run_name(config))
 
     def before_instantiate_classes(self) -> None:
+        check_config(self.config[self.subcommand], self.subcommand)
         if self.subcommand != "fit":
             return
         config = self.config[self.subcommand]

@@ -1,0 +1,187 @@
+"""Refuse bad config values before anything of a run exists.
+
+`check_config` runs first thing in `WMCLI.before_instantiate_classes`: before any class is
+instantiated, so before the run folder, the MLflow run or the replay buffer are created. It
+collects every problem it finds and raises one `ConfigError` that lists them, one a line, each
+naming the key, the value given, what is wrong and how to fix it.
+
+What needs the built objects is checked where they are built, still before the trainer (and with
+it the run folder and the MLflow run) is instantiated: LightningCLI instantiates the model, the
+datamodule and the env callback first. An unknown task fails in `EnvLoop.__init__`; an image size
+the conv encoder cannot halve four times fails in `wm.encoder.check_image_shape`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning.pytorch.accelerators import AcceleratorRegistry
+
+from wm.sizes import SIZES
+
+NOTHING_CREATED = "Nothing was created."
+
+# Lightning's aliases of precision values (lightning.fabric.connector._convert_precision_to_unified_args).
+PRECISION_ALIASES = {32: "32-true", "32": "32-true", 16: "16-mixed", "16": "16-mixed", 64: "64-true", "64": "64-true",
+                     "bf16": "bf16-mixed", None: "32-true"}
+# Lightning's pick for accelerator "auto", in its order (lightning.fabric.utilities.device_parser).
+AUTO_ORDER = ("tpu", "mps", "cuda")
+
+
+class ConfigError(ValueError):
+    """Config values that are certainly wrong, found before anything was created."""
+
+
+def check_config(config, subcommand: str | None) -> None:
+    """Raise a ConfigError listing every problem of `config` (the subcommand's namespace)."""
+    problems = trainer_problems(config) + model_problems(config)
+    if subcommand == "fit":
+        problems += env_and_data_problems(config)
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise ConfigError(f"{problems[0]} {NOTHING_CREATED}")
+    lines = "\n".join(f"- {p}" for p in problems)
+    raise ConfigError(f"{len(problems)} problems in the config:\n{lines}\n{NOTHING_CREATED}")
+
+
+# ----------------------------------------------------------------------------------- env and data
+def env_and_data_problems(config) -> list[str]:
+    problems = [
+        *at_least(config, 1, "data.batch_size", "data.sequence_length", "data.capacity", "env.num_envs",
+                  "env.action_repeat", "env.total_steps"),
+        *at_least(config, 0, "env.prefill", "env.eval_every", "env.eval_episodes", "run.checkpoint_every"),
+    ]
+    time_limit = config.get("env.time_limit")
+    if time_limit is not None and time_limit < 1:
+        problems.append(f"env.time_limit={time_limit} must be >= 1 agent steps, or null for the task's own episode "
+                        "length. Set --env.time_limit to a positive number or leave it out.")
+    ratio = config.get("env.train_ratio")
+    if ratio is not None and not ratio > 0:
+        problems.append(f"env.train_ratio={ratio} must be > 0: it is the replayed steps per agent step, and each "
+                        "update is followed by batch_size x sequence_length / train_ratio agent steps. "
+                        "Set --env.train_ratio to a positive number, e.g. 32.")
+    capacity, length, envs = config.get("data.capacity"), config.get("data.sequence_length"), config.get("env.num_envs")
+    if all(isinstance(v, int) and v > 0 for v in (capacity, length, envs)) and math.ceil(capacity / envs) < length:
+        problems.append(
+            f"data.capacity={capacity} is too small: each of the {envs} env streams keeps ceil(capacity / "
+            f"env.num_envs) = {math.ceil(capacity / envs)} steps and must hold a full sequence "
+            f"(data.sequence_length={length}), so capacity must be >= sequence_length x env.num_envs = "
+            f"{length * envs}. Raise --data.capacity or lower --data.sequence_length."
+        )
+    prefill, total = config.get("env.prefill"), config.get("env.total_steps")
+    if isinstance(prefill, int) and isinstance(total, int) and total > 0 and prefill > total:
+        problems.append(f"env.prefill={prefill} is more than env.total_steps={total}: the run would end before "
+                        "the first update. Lower --env.prefill or raise --env.total_steps.")
+    problems += storage_problems(config)
+    return problems
+
+
+def at_least(config, minimum: int, *keys: str) -> list[str]:
+    """`key=value must be >= minimum` for each key whose value is below it."""
+    return [
+        f"{key}={config.get(key)} must be >= {minimum}. Set --{key} to {minimum} or more."
+        for key in keys
+        if config.get(key) is not None and config.get(key) < minimum
+    ]
+
+
+def storage_problems(config) -> list[str]:
+    storage = config.get("data.storage")
+    if storage != "cuda":
+        return []
+    problems = []
+    if not torch.cuda.is_available():
+        problems.append("data.storage=cuda but CUDA is not available on this machine. Use --data.storage cpu.")
+    if config.get("data.memmap_dir"):
+        problems.append(f"data.memmap_dir={config.get('data.memmap_dir')} keeps the buffer in files on the CPU, "
+                        "but data.storage=cuda. Use --data.storage cpu or leave --data.memmap_dir out.")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------ model
+def model_problems(config) -> list[str]:
+    size = config.get("model.size")
+    if size is None or size in SIZES:
+        return []
+    return [f"model.size={size} is not a known size preset. Choose --model.size from {', '.join(SIZES)}."]
+
+
+# ---------------------------------------------------------------------------------------- trainer
+def trainer_problems(config) -> list[str]:
+    accelerator = config.get("trainer.accelerator")
+    if not isinstance(accelerator, str):  # an Accelerator given by class_path: Lightning checks it
+        return []
+    device, problems = resolve_accelerator(accelerator)
+    if device is None:
+        return problems
+    problems += devices_problems(config, device) + precision_problems(config, device)
+    return problems
+
+
+def accelerator_available(name: str) -> bool:
+    return AcceleratorRegistry[name]["accelerator"].is_available()
+
+
+def resolve_accelerator(accelerator: str) -> tuple[str | None, list[str]]:
+    """The device type `accelerator` runs on here, or None and why it cannot."""
+    if accelerator == "auto":
+        return next((n for n in AUTO_ORDER if n in AcceleratorRegistry and accelerator_available(n)), "cpu"), []
+    if accelerator == "gpu":
+        device = next((n for n in ("mps", "cuda") if accelerator_available(n)), None)
+        if device is None:
+            return None, ["trainer.accelerator=gpu but neither CUDA nor MPS is available on this machine. "
+                          "Use --trainer.accelerator cpu (or auto)."]
+        return device, []
+    if accelerator not in AcceleratorRegistry:
+        known = ", ".join(sorted([*AcceleratorRegistry.available_accelerators(), "gpu", "auto"]))
+        return None, [f"trainer.accelerator={accelerator} is not a known accelerator. Choose one of {known}."]
+    if not accelerator_available(accelerator):
+        here = [n for n in sorted(AcceleratorRegistry.available_accelerators()) if accelerator_available(n)]
+        what = "CUDA" if accelerator == "cuda" else accelerator.upper()
+        return None, [f"trainer.accelerator={accelerator} but {what} is not available on this machine (available: "
+                      f"{', '.join(here)}). Use --trainer.accelerator cpu (or auto)."]
+    return accelerator, []
+
+
+def devices_problems(config, device: str) -> list[str]:
+    devices = config.get("trainer.devices")
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if device == "cpu" and devices != "auto" and not (isinstance(devices, int) and devices > 0):
+        return [f"trainer.devices={devices} is not valid on CPU: it is the number of processes. "
+                "Set --trainer.devices to a positive integer or auto."]
+    if isinstance(devices, int) and (devices == 0 or devices < -1):
+        return [f"trainer.devices={devices} is not valid. "
+                "Set --trainer.devices to a positive integer, -1 (all) or auto."]
+    if device == "cuda" and isinstance(devices, int) and devices > torch.cuda.device_count():
+        return [f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} CUDA devices. "
+                "Lower --trainer.devices (or use auto)."]
+    strategy = config.get("trainer.strategy")
+    if isinstance(devices, int) and devices > 1 and strategy == "single_device":
+        return [f"trainer.devices={devices} with trainer.strategy=single_device would silently use one device. "
+                "Use --trainer.strategy ddp (or auto), or --trainer.devices 1."]
+    return []
+
+
+def supported_precisions(device: str) -> list[str] | None:
+    """The precision values this project runs on `device`; None: not checked here."""
+    if device == "cpu":
+        return ["32-true"] + (["bf16-mixed"] if torch.amp.is_autocast_available("cpu") else [])
+    if device == "cuda":
+        return ["32-true", "16-mixed"] + (["bf16-mixed"] if torch.cuda.is_bf16_supported() else [])
+    return None
+
+
+def precision_problems(config, device: str) -> list[str]:
+    given = config.get("trainer.precision")
+    precision = PRECISION_ALIASES.get(given, given)
+    supported = supported_precisions(device)
+    if supported is None or precision in supported:
+        return []
+    choices = " or ".join(supported)
+    if device == "cpu" and precision == "16-mixed":
+        return [f"trainer.precision={given}: fp16 mixed precision does not run on CPU, Lightning would silently run "
+                f"bf16-mixed while the logged param says 16-mixed. Use --trainer.precision {choices}."]
+    return [f"trainer.precision={given} is not supported on {device} here. Use --trainer.precision {choices}."]
