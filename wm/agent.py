@@ -6,6 +6,8 @@ One update, read top to bottom in `losses` and `training_step`:
   3. actor (REINFORCE) and critic losses on the imagined rollouts;
   4. replay-value loss: the critic on the real sequence, its gradient reaching the world model;
   5. one backward over the sum, one LaProp step (AGC + warm-up inside), slow-critic/EMA updates.
+An update whose loss or gradients are not finite is skipped: nothing of the model or the optimiser
+changes (see `training_step`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from wm.actor_critic import ActorCritic, ActorCriticConfig
 from wm.distributions import policy_mode
@@ -25,6 +28,27 @@ from wm.profiling import phase
 from wm.rssm import State
 from wm.sizes import model_size
 from wm.world_model import WorldModel, WorldModelConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive updates had a loss or gradients that were not finite."""
+
+
+def finite_flags(total: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """Whether each gradient tensor, then (last) the loss, is entirely finite: one fused check.
+
+    The max-abs norm is inf or NaN exactly when a value is (an L2 norm would overflow to inf on
+    large finite gradients).
+    """
+    norms = torch._foreach_norm(grads, float("inf")) if grads else []
+    return torch.stack([n.float() for n in norms] + [total.detach().float()]).isfinite()
+
+
+def module_of(parameter: str) -> str:
+    """The module a parameter belongs to, as `parameter_counts` splits the agent:
+    world_model.rssm, world_model.objective.projector, actor_critic.critic."""
+    parts = parameter.split(".")[:-1]
+    return ".".join(parts[: 3 if parts[:2] == ["world_model", "objective"] else 2])
 
 
 class ActState(NamedTuple):
@@ -44,6 +68,8 @@ class Agent(L.LightningModule):
         objective: the representation objective; R2-Dreamer's Barlow Twins by default.
         size: model size preset, size1M ... size200M.
         repval_scale: weight of the replay-value loss.
+        max_consecutive_skips: consecutive updates with a non-finite loss or gradient that are
+            skipped before training stops with `NonFiniteLossError`.
     """
 
     def __init__(
@@ -57,7 +83,10 @@ class Agent(L.LightningModule):
         actor_critic: ActorCriticConfig | None = None,
         optimizer: OptimizerConfig | None = None,
         repval_scale: float = 0.3,
+        max_consecutive_skips: int = 10,
     ):
+        if max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         super().__init__()
         self.automatic_optimization = False
         objective = objective if objective is not None else Barlow()
@@ -76,6 +105,8 @@ class Agent(L.LightningModule):
         self.action_dim, self.discrete = action_dim, discrete
         self.world_model = WorldModel(observation_shapes, action_dim, discrete, sizes, objective, world_model)
         self.actor_critic = ActorCritic(sizes.feat_dim, action_dim, discrete, sizes, actor_critic)
+        self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, in all (checkpointed)
+        self.consecutive_skips = 0
 
     # ----------------------------------------------------------------------------- training
     def configure_optimizers(self):
@@ -115,23 +146,69 @@ class Agent(L.LightningModule):
         metrics.update({"actor_critic/repval": repval, "world_model/loss": wm.loss, "loss": total})
         return total, metrics, wm.posterior
 
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict:
+        """One update, or none when its loss or a gradient is not finite: then the gradients are
+        dropped, the buffers (BatchNorm statistics, return normaliser) restored and no optimiser
+        step, slow-critic or objective update made; the output says "skipped" and holds no latents."""
         optimizer = self.optimizers()
+        buffers = [b.clone() for b in self.buffers()]  # restored if the update is skipped
         total, metrics, posterior = self.losses(batch)
         optimizer.zero_grad(set_to_none=True)
         with phase("backward"):
             self.manual_backward(total)
+        named_grads = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        # Under a GradScaler (16-mixed) the scaled gradients overflow by design; the scaler skips
+        # those steps and lowers its scale, so only the loss is checked here.
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        flags = finite_flags(total, [] if scaled else [g for _, g in named_grads])
+        if not bool(flags.all()):  # the check's one host sync
+            optimizer.zero_grad(set_to_none=True)
+            for buffer, saved in zip(self.buffers(), buffers):
+                buffer.copy_(saved)
+            return self.skip_update(total, metrics, [name for name, _ in named_grads], flags)
+        self.consecutive_skips = 0
         with phase("optimizer"):
             optimizer.step()
             self.actor_critic.update_slow_critic()
             self.world_model.objective.after_update()
         metrics["optimizer/lr"] = torch.tensor(optimizer.optimizer.current_lr(optimizer.param_groups[0]))
+        metrics["skipped_updates"] = torch.tensor(float(self.skipped_updates))
         self.log_dict({f"train/{k}": v.detach() for k, v in metrics.items()})
         # The posterior latents go back to the replay buffer (replay context).
-        return {"loss": total.detach(), "deter": posterior.deter.detach(), "stoch": posterior.stoch.detach()}
+        return {"loss": total.detach(), "deter": posterior.deter.detach(), "stoch": posterior.stoch.detach(), "skipped": False}
+
+    def skip_update(self, total: torch.Tensor, metrics: dict[str, torch.Tensor], names: list[str], flags: torch.Tensor) -> dict:
+        """Count a skipped update and name what was not finite: the logged terms and the modules
+        whose gradients were (`names` and `flags[:-1]` are per gradient tensor)."""
+        self.skipped_updates += 1
+        self.consecutive_skips += 1
+        self.log("train/skipped_updates", float(self.skipped_updates))
+        values = torch.stack([v.detach().float().isfinite().all() for v in metrics.values()]).tolist()
+        terms = [k for k, ok in zip(metrics, values) if not ok]
+        modules = list(dict.fromkeys(module_of(n) for n, ok in zip(names, flags[:-1].tolist()) if not ok))
+        found = [f"non-finite {', '.join(terms)}"] if terms else []
+        found += [f"non-finite gradients in {', '.join(modules)}"] if modules else []
+        what = "; ".join(found)
+        rank_zero_warn(
+            f"update skipped at global step {self.global_step} ({self.consecutive_skips} in a row, {self.skipped_updates} in all): {what}"
+        )
+        limit = self.hparams.max_consecutive_skips
+        if self.consecutive_skips >= limit:
+            raise NonFiniteLossError(
+                f"{self.consecutive_skips} consecutive updates were skipped (max_consecutive_skips={limit}) because their "
+                f"loss or gradients were not finite; the last: {what}. No skipped update changed the model, and the last "
+                "good checkpoint is kept in the run's checkpoints folder (last.ckpt). Try a lower learning rate "
+                "(model.optimizer.lr), check the environment's rewards and observations for NaN, inf or huge values, "
+                "or train in full precision (trainer.precision: 32-true)."
+            )
+        return {"loss": total.detach(), "skipped": True}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped_updates"] = self.skipped_updates
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, with the differences spelled out, a checkpoint of another model."""
+        """Refuse, with the differences spelled out, a checkpoint of another model; restore the
+        skipped-update count (0 for a checkpoint written before it was kept)."""
         saved = checkpoint.get("hyper_parameters", {})
         keys = ("observation_shapes", "action_dim", "discrete", "size")
         differences = [f"{k}: checkpoint {saved.get(k)!r}, config {self.hparams[k]!r}" for k in keys if saved.get(k) != self.hparams[k]]
@@ -143,6 +220,8 @@ class Agent(L.LightningModule):
                 "the checkpoint belongs to another model (" + "; ".join(differences) + "). Use the config "
                 "of the run that wrote it, or start a new run with another --run.name."
             )
+        self.skipped_updates = checkpoint.get("skipped_updates", 0)
+        self.consecutive_skips = 0
 
     # ------------------------------------------------------------------------------- acting
     def initial_state(self, batch: int) -> ActState:
