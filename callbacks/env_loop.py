@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
+from callbacks.interrupt import interrupt_signal
+from datamodules.replay_store import new_save_id
 from wm.envs import make_env, make_vector_env
 from wm.logger import EnvStepMLFlowLogger
 
@@ -88,10 +90,12 @@ class EnvLoop(L.Callback):
         self.last_eval_return = float("nan")
         self.next_eval = eval_every
         self.envs: gym.vector.VectorEnv | None = None
+        self.eval_envs: gym.vector.VectorEnv | None = None
         self.buffer = None
         self.rng: np.random.Generator | None = None
-        self.restored: dict | None = None
-        self.saved_buffer_at = -1
+        self.restored: dict | None = None  # counters and RNG states of the checkpoint resumed from
+        self.restored_replay: dict | None = None  # the replay that checkpoint covers
+        self.last_eval_at = -1  # env frames at the last evaluation
 
     # --------------------------------------------------------------------------- plumbing
     def _make_env(self, seed: int | None, split: str = "train") -> gym.Env:
@@ -105,14 +109,14 @@ class EnvLoop(L.Callback):
             "last_return": self.last_return,
             "last_eval_return": self.last_eval_return,
             "next_eval": self.next_eval,
-            "buffer_steps": self.buffer.steps_added if self.buffer is not None else 0,
+            "last_eval_at": self.last_eval_at,
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": self.rng.bit_generator.state if self.rng is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.restored = dict(state)
-        for key in ("env_steps", "episodes", "credit", "last_return", "last_eval_return", "next_eval"):
+        for key in ("env_steps", "episodes", "credit", "last_return", "last_eval_return", "next_eval", "last_eval_at"):
             setattr(self, key, state[key])
 
     @staticmethod
@@ -123,21 +127,20 @@ class EnvLoop(L.Callback):
         return root / "replay" / f"rank{trainer.global_rank}"
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        # The buffer goes beside the .ckpt, not into it; saved once per env-step count.
-        if self.buffer is not None and self.saved_buffer_at != self.env_steps:
-            self.buffer.save(self.replay_dir(trainer))
-            self.saved_buffer_at = self.env_steps
+        # The buffer's new rows go beside the .ckpt, not into it; the checkpoint names the
+        # replay manifest it needs (the same save id on every rank).
+        save_id = trainer.strategy.broadcast(new_save_id())
+        checkpoint["replay"] = trainer.datamodule.save_replay(self.replay_dir(trainer), save_id)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if "replay" not in checkpoint:
+            raise ValueError("the checkpoint names no replay buffer: it was written by an older version of wm")
+        self.restored_replay = checkpoint["replay"]
 
     def _restore(self, trainer: L.Trainer) -> None:
         """Buffer and RNG states of the checkpoint this fit resumes from."""
         state, self.restored = self.restored, None
-        directory = self.replay_dir(trainer)
-        self.buffer.load(directory)
-        if self.buffer.steps_added != state["buffer_steps"]:
-            raise ValueError(
-                f"replay buffer in {directory} holds {self.buffer.steps_added} steps but the checkpoint "
-                f"expects {state['buffer_steps']}: it belongs to another checkpoint; resume from last.ckpt"
-            )
+        trainer.datamodule.load_replay(self.replay_dir(trainer), self.restored_replay)
         torch.set_rng_state(state["torch_rng"])
         if state["numpy_rng"] is not None:
             self.rng.bit_generator.state = state["numpy_rng"]
@@ -174,25 +177,28 @@ class EnvLoop(L.Callback):
         self.clock = (time.perf_counter(), self.env_steps, trainer.global_step)
         self.fps = self.updates_per_second = 0.0
         needed = max(self.prefill, trainer.datamodule.sequence_length * self.action_repeat * self.num_envs)
-        while self.env_steps < needed or len(self.buffer) < trainer.datamodule.sequence_length * self.num_envs:
+        while (self.env_steps < needed or len(self.buffer) < trainer.datamodule.sequence_length * self.num_envs) \
+                and interrupt_signal(trainer) is None:
             self.step(pl_module, random=True)
+        if self.env_steps >= self.total_steps:  # resumed from the end of a finished run: nothing to train
+            trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        trainer.datamodule.write_back(outputs)
         dm = trainer.datamodule
+        dm.write_back(batch, outputs)
         self.credit += dm.batch_size * dm.sequence_length / self.train_ratio
         while self.credit >= self.num_envs:
             self.step(pl_module)
             self.credit -= self.num_envs
-        if self.eval_every and self.env_steps >= self.next_eval:
+        if self.eval_every and self.env_steps >= self.next_eval and self.evaluate(trainer, pl_module) is not None:
             self.next_eval += self.eval_every
-            self.evaluate(trainer, pl_module)
         self._log(trainer, pl_module)
         if self.env_steps >= self.total_steps:
             trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.eval_episodes:
+        # The final evaluation, unless the last one was at this very step or the fit was interrupted.
+        if self.eval_episodes and self.last_eval_at != self.env_steps and interrupt_signal(trainer) is None:
             self.evaluate(trainer, pl_module)
         self.close()
 
@@ -200,9 +206,10 @@ class EnvLoop(L.Callback):
         self.close()
 
     def close(self) -> None:
-        if self.envs is not None:
-            self.envs.close()
-            self.envs = None
+        for name in ("envs", "eval_envs"):
+            if getattr(self, name) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
 
     # ---------------------------------------------------------------------------- stepping
     def _random_action(self) -> np.ndarray:
@@ -230,6 +237,7 @@ class EnvLoop(L.Callback):
         """One step of every env; NEXT_STEP autoreset: the step after an episode's last one
         returns the next episode's first observation and ignores the action."""
         action = self._random_action() if random else self._policy_action(pl_module)
+        restarts = list(self.envs.slot_restarts)
         self.obs, reward, terminated, truncated, info = self.envs.step(self._to_env(action))
         self.is_first = self.done
         self.done = terminated | truncated
@@ -242,8 +250,9 @@ class EnvLoop(L.Callback):
             self.episode_success |= np.asarray(info["success"], bool) & live
         for i in np.flatnonzero(self.done):
             self.episodes += 1
-            self.last_return = float(self.episode_return[i])
-            self.finished.append((self.last_return, int(self.episode_length[i]), bool(self.episode_success[i])))
+            if self.envs.slot_restarts[i] == restarts[i]:  # not cut short by a restart of its worker
+                self.last_return = float(self.episode_return[i])
+                self.finished.append((self.last_return, int(self.episode_length[i]), bool(self.episode_success[i])))
             self.episode_return[i], self.episode_length[i], self.episode_success[i] = 0.0, 0, False
 
     def _add(self, action, reward, terminated, last) -> None:
@@ -261,30 +270,56 @@ class EnvLoop(L.Callback):
 
     # ------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-        """Greedy episodes on a separate env; logs and returns the mean return."""
-        env = self._make_env(self.rank_seed + 10**6 + self.episodes, split="eval")
-        returns, successes, frames = [], [], []
-        for episode in range(self.eval_episodes):
-            obs, _ = env.reset()
-            state, first, total, success, done = None, True, 0.0, False, False
-            while not done:
-                if episode == 0 and "image" in obs:
-                    frames.append(obs["image"])
-                action, state = self._act(pl_module, {k: v[None] for k, v in obs.items()}, np.array([first]), state, "greedy")
-                obs, reward, terminated, truncated, info = env.step(self._to_env(action[0]))
-                total += float(reward)
-                success |= bool(info.get("success", False))
-                first, done = False, terminated or truncated
-            returns.append(total)
-            successes.append(success)
-        env.close()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
+        """`eval_episodes` greedy episodes on up to `num_envs` parallel eval envs (restarted like
+        the training envs; an episode cut short by a restart is run again). Logs and returns the
+        mean return; None, and nothing logged, if a stop signal cut it short."""
+        if self.eval_envs is None:
+            self.eval_envs = make_vector_env(
+                self.task, min(self.eval_episodes, self.num_envs), self.action_repeat, time_limit=self.time_limit,
+                autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP, video_dir=self.video_dir, split="eval",
+            )
+        envs, n = self.eval_envs, self.eval_envs.num_envs
+        obs, _ = envs.reset(seed=self.rank_seed + 10**6 + self.episodes)
+        first, done, state = np.ones(n, bool), np.zeros(n, bool), None
+        running = np.arange(n) < self.eval_episodes  # whether env i's current episode counts
+        started = int(running.sum())
+        total, length, success = np.zeros(n), np.zeros(n, int), np.zeros(n, bool)
+        episodes, frames, recording = [], [], True  # (return, length, success); env 0's first episode
+        while len(episodes) < self.eval_episodes:
+            if interrupt_signal(trainer) is not None:
+                return None
+            if recording and "image" in obs:
+                frames.append(obs["image"][0])
+            action, state = self._act(pl_module, obs, first, state, "greedy")
+            restarts = envs.slot_restarts.copy()
+            obs, reward, terminated, truncated, info = envs.step(self._to_env(action))
+            first, done = done, terminated | truncated  # NEXT_STEP: the step after an end resets
+            for i in np.flatnonzero(first):
+                total[i], length[i], success[i] = 0.0, 0, False
+                running[i] = started < self.eval_episodes
+                started += running[i]
+            live = running & ~first
+            total += np.where(live, reward, 0.0)
+            length += live
+            if "success" in info:
+                success |= np.asarray(info["success"], bool) & live
+            for i in np.flatnonzero(done & live):
+                if envs.slot_restarts[i] == restarts[i]:
+                    episodes.append((float(total[i]), int(length[i]), bool(success[i])))
+                else:  # cut short by a restart of its worker: run it again
+                    started -= 1
+                recording &= i != 0
+                running[i] = False
+        returns, lengths, successes = map(np.asarray, zip(*episodes))
         self._log_video(trainer, frames)
-        self.last_eval_return = float(np.mean(returns))
+        self.last_eval_return = float(returns.mean())
+        self.last_eval_at = self.env_steps
         self._log_to_loggers(trainer, {
             "eval/return": self.last_eval_return,
-            "eval/return_std": float(np.std(returns)),
-            "eval/success": float(np.mean(successes)),
+            "eval/return_std": float(returns.std()),
+            "eval/length": float(lengths.mean()),
+            "eval/success": float(successes.mean()),
         })
         return self.last_eval_return
 
@@ -336,4 +371,5 @@ class EnvLoop(L.Callback):
         pl_module.log_dict(progress, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         if log_now:
             self._log_to_loggers(trainer, {"env/fps": progress["fps"], "env/updates_per_second": progress["updates/s"],
-                                           "env/episodes": float(self.episodes), "train/updates": float(trainer.global_step)})
+                                           "env/episodes": float(self.episodes), "env/restarts": float(self.envs.restarts),
+                                           "train/updates": float(trainer.global_step)})

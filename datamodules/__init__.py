@@ -1,5 +1,8 @@
-"""Replay of environment steps for the agent (SPEC §1 "Data")."""
+"""Replay of environment steps for the agent (SPEC §1 "Data"): the buffer (storage and sampling),
+its persistence (chunk files and manifests) and the Lightning DataModule."""
 
-from datamodules.replay import ReplayBuffer, ReplayDataModule, ReplayFileError
+from datamodules.replay import ReplayDataModule
+from datamodules.replay_buffer import ReplayBuffer, ReplayFileError, ReplayIndex
+from datamodules.replay_store import ReplayStore
 
-__all__ = ["ReplayBuffer", "ReplayDataModule", "ReplayFileError"]
+__all__ = ["ReplayBuffer", "ReplayDataModule", "ReplayFileError", "ReplayIndex", "ReplayStore"]

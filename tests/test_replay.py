@@ -1,17 +1,14 @@
-"""Replay buffer and data module: layout, FIFO windows, replay context, save/load safety,
-memory-maps, and the agent training on replayed batches."""
+"""Replay buffer and data module: layout, FIFO windows, replay context, memory-maps, and the
+agent training on replayed batches (persistence: tests/test_replay_store.py)."""
 
 from __future__ import annotations
-
-import json
-import os
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from datamodules import ReplayBuffer, ReplayDataModule, ReplayFileError
+from datamodules import ReplayBuffer, ReplayDataModule
 from wm.agent import Agent
 from wm.objectives import Barlow
 from wm.sizes import model_size
@@ -174,134 +171,13 @@ def test_write_back_skips_steps_overwritten_since_sampling():
     assert (buffer.arrays["deter"][2:, :, 0] == buffer.arrays["reward"][2:]).all()
 
 
-# --------------------------------------------------------------------------------- save/load
-def written_buffer(rows=9, **kwargs) -> ReplayBuffer:
-    buffer = fill(make_buffer(**kwargs), rows)
-    batch, index = buffer.sample(4, 5, torch.Generator().manual_seed(8))
-    buffer.write_latents(index, *latents_of(batch))
-    return buffer
-
-
-def test_save_load_round_trip(tmp_path):
-    source = written_buffer()
-    source.save(tmp_path / "replay")
-    manifest = json.loads((tmp_path / "replay" / "manifest.json").read_text())
-    assert set(manifest["arrays"]) == set(source.arrays) and manifest["state"]["steps_added"] == 18
-    target = make_buffer()
-    target.load(tmp_path / "replay")
-    assert_same(target, snapshot(source))
-    assert target.sample(3, 4, torch.Generator().manual_seed(0))[0]["reward"].equal(
-        source.sample(3, 4, torch.Generator().manual_seed(0))[0]["reward"]
-    )
-    assert sorted(os.listdir(tmp_path)) == ["replay"], "no temporary directory left behind"
-
-
-def test_save_writes_only_the_filled_rows(tmp_path):
-    source = make_buffer(capacity=1000)
-    for row in range(7):
-        source.add(step(row))
-    source.save(tmp_path / "replay")
-    image = np.load(tmp_path / "replay" / "image.npy")
-    assert image.shape == (7, 2, 4, 4, 3), "a mostly empty buffer must not write its capacity"
-    target = make_buffer(capacity=1000)
-    target.load(tmp_path / "replay")
-    assert target.steps_added == 14 and len(target) == 14
-    for name, array in source.arrays.items():
-        assert torch.equal(target.arrays[name][:7], array[:7]), name
-    generator = lambda: torch.Generator().manual_seed(1)  # noqa: E731
-    assert target.sample(4, 5, generator())[0]["reward"].equal(source.sample(4, 5, generator())[0]["reward"])
-
-
-def corrupt(path):
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def truncate(path):
-    path.write_bytes(path.read_bytes()[:-7])
-
-
-@pytest.mark.parametrize(
-    "damage, message",
-    [
-        (corrupt, r"reward\.npy: corrupted"),
-        (truncate, r"reward\.npy: corrupted or truncated"),
-        (os.remove, r"reward\.npy: missing"),
-    ],
-)
-def test_damaged_files_are_refused_and_the_buffer_kept(tmp_path, damage, message):
-    written_buffer().save(tmp_path / "replay")
-    damage(tmp_path / "replay" / "reward.npy")
-    target = fill(make_buffer(), 4, start=50)
-    before = snapshot(target)
-    with pytest.raises(ReplayFileError, match=message):
-        target.load(tmp_path / "replay")
-    assert_same(target, before)
-
-
-def test_other_configuration_and_missing_save_are_refused(tmp_path):
-    written_buffer().save(tmp_path / "replay")
-    other = ReplayBuffer(12, 2, {"image": (4, 4, 3), "state": (3,)}, 2, LATENT)
-    before = snapshot(other)
-    with pytest.raises(ReplayFileError, match=r"manifest\.json: saved with another configuration: observation_shapes"):
-        other.load(tmp_path / "replay")
-    assert_same(other, before)
-    with pytest.raises(ReplayFileError, match="num_envs is 2 in the file but 3"):
-        make_buffer(capacity=18, num_envs=3).load(tmp_path / "replay")
-    with pytest.raises(ReplayFileError, match="manifest.json: missing"):
-        make_buffer().load(tmp_path / "nothing")
-
-
-@pytest.mark.parametrize("failing_call", [1, 2], ids=["before-moving-old-aside", "after-moving-old-aside"])
-def test_interrupted_save_keeps_the_previous_save(tmp_path, monkeypatch, failing_call):
-    buffer = written_buffer()
-    buffer.save(tmp_path / "replay")
-    saved = snapshot(buffer)
-    fill(buffer, 3, start=20)
-    calls = []
-    real_replace = os.replace
-
-    def crashing_replace(src, dst):
-        calls.append(src)
-        if len(calls) == failing_call:
-            raise OSError("simulated crash")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crashing_replace)
-    with pytest.raises(OSError, match="simulated crash"):
-        buffer.save(tmp_path / "replay")
-    monkeypatch.setattr(os, "replace", real_replace)
-    restored = make_buffer()
-    restored.load(tmp_path / "replay")
-    assert_same(restored, saved)
-    buffer.save(tmp_path / "replay")  # a later save cleans up after the crash
-    assert sorted(os.listdir(tmp_path)) == ["replay"]
-    restored.load(tmp_path / "replay")
-    assert_same(restored, snapshot(buffer))
-
-
 def test_memmap_storage(tmp_path):
-    buffer = written_buffer(directory=str(tmp_path / "mm"))
+    buffer = fill(make_buffer(directory=str(tmp_path / "mm")), 9)
     assert sorted(p.name for p in (tmp_path / "mm").iterdir()) == sorted(f"{k}.npy" for k in buffer.arrays)
     on_disk = np.load(tmp_path / "mm" / "reward.npy", mmap_mode="r")
     assert np.array_equal(on_disk, buffer.arrays["reward"].numpy())
     batch, _ = buffer.sample(3, 4, torch.Generator().manual_seed(0))
     assert (batch["state"][..., 0].diff(dim=1) == 1).all()
-    buffer.save(tmp_path / "saved")
-    in_memory = make_buffer()
-    in_memory.load(tmp_path / "saved")
-    assert_same(in_memory, snapshot(buffer))
-    with pytest.raises(ValueError, match="its own directory"):
-        buffer.save(tmp_path / "mm")
-
-
-def test_save_refuses_to_replace_a_foreign_directory(tmp_path):
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "keep.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a saved replay buffer"):
-        make_buffer().save(tmp_path / "notes")
-    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
 
 # ------------------------------------------------------------------------------ data module
@@ -343,14 +219,37 @@ def test_dataloader_batches_train_the_agent_and_take_the_latents_back():
     assert batch["deter"].shape == (2, 512) and batch["stoch"].shape == (2, 32, 4)
     total, _, posterior = agent.losses(batch)
     assert torch.isfinite(total)
-    index, _ = dm.sequences.pending[0]
+    index = batch["replay_index"]
     assert len({(e, t) for e, ts in zip(index.env.tolist(), index.time.tolist()) for t in ts}) == 16, "windows overlap"
-    dm.write_back({"deter": posterior.deter.detach(), "stoch": posterior.stoch.detach()})
+    dm.write_back(batch, {"deter": posterior.deter.detach(), "stoch": posterior.stoch.detach()})
     stored = dm.buffer.arrays["stoch"][index.time, index.env[:, None]].long()
     assert torch.equal(stored, posterior.stoch.argmax(-1))
     deter = dm.buffer.arrays["deter"][index.time, index.env[:, None]].float()
     torch.testing.assert_close(deter, posterior.deter.detach(), rtol=1e-3, atol=1e-3)
-    assert not dm.sequences.pending
+    assert not dm.sequences.unsettled
+
+
+def test_each_batch_writes_back_to_its_own_rows_however_far_ahead_it_was_drawn():
+    _, dm = agent_and_data()
+    batches = iter(dm.train_dataloader())
+    next(batches), next(batches)
+    third = next(batches)  # two earlier batches are never written back
+    latents = latents_like(third)
+    latents["deter"] += 3.0
+    dm.write_back(third, latents)
+    index = third["replay_index"]
+    rows = torch.zeros(dm.buffer.arrays["deter"].shape[:2], dtype=torch.bool)
+    rows[index.time, index.env[:, None]] = True
+    assert (dm.buffer.arrays["deter"][rows] == 3.0).all()
+    assert not dm.buffer.arrays["deter"][~rows].any()
+    assert not dm.sequences.unsettled, "training on the third batch settles the two before it"
+
+
+def test_skipped_update_writes_nothing_back():
+    _, dm = agent_and_data()
+    batch = next(iter(dm.train_dataloader()))
+    dm.write_back(batch, {"loss": torch.tensor(float("nan")), "skipped": True})
+    assert dm.buffer.arrays["stoch"].eq(255).all() and not dm.buffer.arrays["deter"].any()
 
 
 def test_dataloader_samples_lazily():
@@ -370,9 +269,9 @@ class WriteBack(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         dm = trainer.datamodule
-        index, _ = dm.sequences.pending[0]
+        index = batch["replay_index"]
         assert torch.equal(dm.buffer.arrays["reward"][index.time, index.env[:, None]], batch["reward"])
-        dm.write_back(outputs)
+        dm.write_back(batch, outputs)
         self.updates += 1
 
 
@@ -391,12 +290,12 @@ def test_sampler_state_round_trips_through_the_datamodule():
     batches = iter(dm.train_dataloader())
     trained = next(batches)
     prefetched = next(batches)  # Lightning draws the next batch before training on the first
-    dm.write_back(latents_like(trained))
+    dm.write_back(trained, latents_like(trained))
     state = dm.state_dict()  # checkpoint after the first update
     _, resumed = agent_and_data()
     resumed.load_state_dict(state)
     got = next(iter(resumed.train_dataloader()))
-    assert all(torch.equal(got[k], prefetched[k]) for k in prefetched)
+    assert all(torch.equal(got[k], prefetched[k]) for k in prefetched if k != "replay_index")
 
 
 def latents_like(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from datamodules import ReplayBuffer, ReplayStore
 from wm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +40,10 @@ def client_for(run_dir: Path) -> tuple[MlflowClient, object]:
     return client, runs[0]
 
 
-def saved_buffer(run_dir: Path) -> dict[str, np.ndarray]:
-    replay = run_dir / "checkpoints/replay/rank0"
-    return {p.stem: np.load(p) for p in replay.glob("*.npy")}
+def saved_buffer(run_dir: Path, rank: int = 0, checkpoint: str = "last.ckpt") -> ReplayBuffer:
+    """The replay buffer a checkpoint of the run resumes with."""
+    reference = torch.load(run_dir / "checkpoints" / checkpoint, map_location="cpu", weights_only=True)["replay"]
+    return ReplayStore(run_dir / f"checkpoints/replay/rank{rank}").open(reference["manifest"])
 
 
 def callback_state(checkpoint: Path, name: str) -> dict:
@@ -50,7 +52,7 @@ def callback_state(checkpoint: Path, name: str) -> dict:
 
 
 def test_fit_logs_a_run_that_mlflow_reads_back(tmp_path):
-    fit(tmp_path, "--env.total_steps", "40")
+    fit(tmp_path, "--env.total_steps", "40", "--env.eval_every", "20")
     run_dir = tmp_path / "tiny"
     client, run = client_for(run_dir)
     assert run.info.status == "FINISHED"
@@ -64,7 +66,8 @@ def test_fit_logs_a_run_that_mlflow_reads_back(tmp_path):
     losses = client.get_metric_history(run.info.run_id, "train/world_model/loss")
     assert len(losses) >= 10 and [m.step for m in losses] == sorted(m.step for m in losses)
     assert max(m.step for m in losses) >= 40  # env frames, not the ~24 updates
-    assert client.get_metric_history(run.info.run_id, "eval/return")
+    # One agent step per update here: evaluations at 20 and 40 frames, the last one not repeated at the end.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/return")] == [20, 40]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "videos" in artifacts
     video = client.download_artifacts(run.info.run_id, "videos", str(tmp_path / "dl"))
@@ -85,23 +88,27 @@ def test_resume_continues_the_same_run_counters_and_buffer(tmp_path):
     state = callback_state(last, "EnvLoop")
     global_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     buffer = saved_buffer(run_dir)
-    manifest = json.loads((run_dir / "checkpoints/replay/rank0/manifest.json").read_text())
+    assert buffer.steps_added == state["env_steps"] + 1, "prefill's first observation, then one row per step"
 
     fit(tmp_path, "--env.total_steps", "50", "--ckpt_path", "last")
     client, second = client_for(run_dir)
-    assert second.info.run_id == first.info.run_id
+    assert second.info.run_id == first.info.run_id and second.info.status == "FINISHED"
     resumed = callback_state(last, "EnvLoop")
     assert resumed["env_steps"] >= 50 and resumed["episodes"] > state["episodes"]
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] > global_step
     # The resumed buffer starts exactly as it was saved; new steps follow the old ones.
-    rows = manifest["counters"]["steps_added"] if "counters" in manifest else state["buffer_steps"]
     after = saved_buffer(run_dir)
-    for key, array in buffer.items():
-        if key in ("deter", "stoch"):
-            continue  # replay context is rewritten by later updates
-        np.testing.assert_array_equal(after[key][:rows], array[:rows], err_msg=key)
+    assert after.steps_added == resumed["env_steps"] + 2, "each fit starts with a reset observation"
+    rows = buffer.rows_added
+    for key, array in buffer.arrays.items():
+        if key not in ("deter", "stoch"):  # replay context is rewritten by later updates
+            assert torch.equal(after.arrays[key][:rows], array[:rows]), key
+    assert after.arrays["is_first"][rows].all(), "a resume starts new episodes"
     updates = client.get_metric_history(second.info.run_id, "train/updates")
     assert max(m.value for m in updates) > global_step
+    for key in ("train/updates", "train/world_model/loss", "episode/return"):
+        steps = [m.step for m in client.get_metric_history(second.info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} has two points at one step"
 
 
 def test_refuses_to_overwrite_or_load_a_bad_checkpoint(tmp_path):
@@ -139,10 +146,8 @@ def test_two_process_ddp_fit(tmp_path):
            "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    replay = tmp_path / "tiny/checkpoints/replay"
-    assert (replay / "rank0/manifest.json").exists() and (replay / "rank1/manifest.json").exists()
-    images = [np.load(replay / f"rank{r}/image.npy") for r in (0, 1)]
-    assert not np.array_equal(images[0], images[1]), "ranks must collect their own experience"
+    images = [saved_buffer(tmp_path / "tiny", rank).arrays["image"] for rank in (0, 1)]
+    assert images[0].any() and not torch.equal(images[0], images[1]), "ranks must collect their own experience"
     client_for(tmp_path / "tiny")  # exactly one MLflow run
 
 

@@ -10,21 +10,25 @@ The environment's spaces reach the model by argument linking: nobody types shape
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks.checkpoint import LAST, AtomicCheckpointIO, EnvStepCheckpoint
 from callbacks.env_loop import EnvLoop
-from datamodules import ReplayDataModule
+from callbacks.interrupt import Interrupt, interrupt_signal
+from datamodules import ReplayDataModule, ReplayFileError, ReplayStore
+from datamodules.replay_buffer import buffer_config
 from wm.agent import Agent
+from wm.files import atomic_write
 from wm.logger import EnvStepMLFlowLogger
 from wm.objectives import OBJECTIVES
-from wm.validation import check_config
+from wm.validation import ConfigError, check_config
 
 
 @dataclass
@@ -45,40 +49,6 @@ class RunConfig:
     checkpoint_every: int = 100_000
 
 
-class EnvStepCheckpoint(ModelCheckpoint):
-    """Keeps a checkpoint every `every` environment frames and refreshes `last.ckpt` each time."""
-
-    def __init__(self, dirpath: str, every: int):
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=-1,
-                         every_n_train_steps=0, save_on_train_epoch_end=False)
-        self.every = every
-        self.saved_at = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        steps = env_loop_of(trainer).env_steps
-        if self.every and steps // self.every > self.saved_at // self.every:
-            self.saved_at = steps
-            self._save_checkpoint(trainer, f"{self.dirpath}/envstep={steps}.ckpt")
-            self._save_last_checkpoint(trainer, {})
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._save_last_checkpoint(trainer, {})
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "saved_at": self.saved_at}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.saved_at = state_dict.pop("saved_at", 0)
-        super().load_state_dict(state_dict)
-
-
-def env_loop_of(trainer) -> EnvLoop:
-    loops = [c for c in trainer.callbacks if isinstance(c, EnvLoop)]
-    if len(loops) != 1:
-        raise RuntimeError(f"expected one EnvLoop callback, found {len(loops)}")
-    return loops[0]
-
-
 def default_run_name(config) -> str:
     """"<task>-<objective>-s<seed>": the task names the suite (benchmark) too."""
     objective = config.model.objective
@@ -87,14 +57,18 @@ def default_run_name(config) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{config.env.task}-{short}-s{config.seed_everything}")
 
 
-def check_checkpoint(path: Path) -> None:
-    """Refuse an unreadable checkpoint before anything of the run is touched."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed here: missing, damaged, or of another model or replay."""
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, memory-mapped (the weights are not read), or a clear refusal."""
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist; nothing was changed")
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} is corrupted or unreadable ({type(e).__name__}: {str(e)[:200]}); nothing was "
             f"changed. Resume from another checkpoint in {path.parent} or start a new run (--run.name)."
         ) from e
@@ -122,23 +96,63 @@ class WMCLI(LightningCLI):
             return
         config = self.config[self.subcommand]
         checkpoints = self.run_dir() / "checkpoints"
+        if config.ckpt_path == "last":
+            # As in Lightning, "last" with no checkpoint yet starts the run: a requeued job can
+            # always pass it, and a run killed before its first checkpoint starts over.
+            last = checkpoints / LAST
+            config.ckpt_path = str(last) if last.exists() else None
+            if not last.exists():
+                rank_zero_warn(f"--ckpt_path last: {last} does not exist yet; starting {self.run_dir()} from the beginning")
         if config.ckpt_path:
-            if config.ckpt_path == "last":
-                check_checkpoint(checkpoints / "last.ckpt")
-            else:
-                check_checkpoint(Path(config.ckpt_path))
+            read_checkpoint(Path(config.ckpt_path))
         elif checkpoints.exists() and any(checkpoints.glob("*.ckpt")):
             raise FileExistsError(
                 f"run folder {self.run_dir()} already holds checkpoints; resume it with --ckpt_path last, "
                 "or start a new run with another --run.name (nothing was changed)"
             )
 
+    def check_resume(self, path: Path) -> None:
+        """Everything a resume needs, checked before the run is touched: a checkpoint of this
+        model, and every rank's replay files for it, complete and of this configuration."""
+        checkpoint = read_checkpoint(path)
+        try:
+            self.model.on_load_checkpoint(checkpoint)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        env, data = self.config_init[self.subcommand]["env"], self.datamodule.hparams
+        reference = checkpoint.get("replay")
+        if reference is None:
+            raise CheckpointError(f"checkpoint {path} names no replay buffer: it was written by an older version of wm")
+        size = self.model.world_model.size
+        expected = buffer_config(data.capacity, env.num_envs, env.spec.observation_shapes, env.spec.action_dim,
+                                 (size.deter, size.stoch, size.classes))
+        replay = self.run_dir() / "checkpoints" / "replay"
+        for rank in range(self.world_size()):
+            try:
+                ReplayStore(replay / f"rank{rank}").verify(reference["manifest"], expected)
+            except ReplayFileError as e:
+                raise CheckpointError(f"{e}. Nothing was changed: resume from another checkpoint in {path.parent}, "
+                                      "or start a new run with another --run.name.") from None
+
+    def world_size(self) -> int:
+        trainer = self.config[self.subcommand].trainer
+        devices = trainer.devices if isinstance(trainer.devices, int) else len(trainer.devices or [0])
+        return max(1, devices) * max(1, int(trainer.num_nodes or 1))
+
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand]
         run_dir = self.run_dir()
-        run_dir.mkdir(parents=True, exist_ok=True)
         run_id_file = run_dir / "mlflow_run_id"
-        resuming = bool(config.get("ckpt_path")) and run_id_file.exists()
+        fitting = self.subcommand == "fit"
+        if fitting and config.ckpt_path:
+            self.check_resume(Path(config.ckpt_path))
+        if not fitting and not run_id_file.exists():
+            # validate/test/predict only read a run: without one there is nothing to log into.
+            return super().instantiate_trainer(logger=False, **kwargs)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # One MLflow run per run folder: a resume, a restart before the first checkpoint and a
+        # read-only command all use the run recorded in the folder.
+        resuming = run_id_file.exists()
         logger = EnvStepMLFlowLogger(
             experiment_name=config.run.experiment,
             run_name=run_dir.name,
@@ -146,14 +160,16 @@ class WMCLI(LightningCLI):
             # A store shared by several runs (a sweep) keeps their artifacts beside it, under the root.
             artifact_location=((run_dir.parent if config.run.tracking_uri else run_dir) / "artifacts").resolve().as_uri(),
             run_id=run_id_file.read_text().strip() if resuming else None,
-            log_model=True,  # checkpoints become run artifacts at the end of training
+            log_model=fitting,  # checkpoints become run artifacts at the end of training
             synchronous=False,  # metric writes to the store do not hold up training
+            keep_status=not fitting,  # reading a run never changes its status
         )
-        if rank_zero_only.rank == 0:  # other DDP ranks see a dummy experiment and no run id
-            run_id_file.write_text(logger.run_id)
+        if fitting and rank_zero_only.rank == 0:  # other DDP ranks see a dummy experiment and no run id
+            atomic_write(run_id_file, lambda f: f.write(logger.run_id.encode()))
         checkpoint = EnvStepCheckpoint(str(run_dir / "checkpoints"), config.run.checkpoint_every)
-        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-        return super().instantiate_trainer(logger=logger, callbacks=[*configured, checkpoint], **kwargs)
+        configured = (self.config_init[self.subcommand].trainer.get("callbacks") or [])
+        return super().instantiate_trainer(logger=logger, callbacks=[*configured, Interrupt(), checkpoint],
+                                           plugins=[AtomicCheckpointIO()], **kwargs)
 
     def before_fit(self) -> None:
         """The full resolved config, as MLflow params and as a run artifact. MLflow params cannot
@@ -161,9 +177,12 @@ class WMCLI(LightningCLI):
         config = self.config[self.subcommand]
         text = self._parser(self.subcommand).dump(config, skip_none=False)
         logger = self.trainer.logger
-        if logger.run_id is None:  # not rank zero
+        if rank_zero_only.rank != 0:  # other DDP ranks see a dummy experiment
             return
         logged = logger.experiment.get_run(logger.run_id).data.params
+        if logged:  # a resumed run: running again, and the replayed stretch is not logged twice
+            logger.experiment.update_run(logger.run_id, status="RUNNING")
+            logger.skip_logged_steps()
         resumes = sum(k.startswith("resumed") for k in logged)
         name = f"config_resumed_{resumes}.yaml" if logged else "config.yaml"
         logger.experiment.log_text(logger.run_id, text, name)
@@ -184,5 +203,11 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+REFUSALS = (ConfigError, CheckpointError, FileExistsError)  # a start refused before anything changed
+
+
 def main(args: list[str] | None = None) -> None:
-    WMCLI(args=args)
+    cli = WMCLI(args=args)
+    signum = interrupt_signal(cli.trainer)
+    if signum is not None:  # interrupted: saved and stopped cleanly, but not finished
+        sys.exit(128 + signum)

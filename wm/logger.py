@@ -7,9 +7,35 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 class EnvStepMLFlowLogger(MLFlowLogger):
     """MLFlowLogger whose step is the run's environment-frame count, which the env-interaction
-    callback keeps in `env_steps`; the update count is logged as the metric `train/updates`."""
+    callback keeps in `env_steps`; the update count is logged as the metric `train/updates`.
+
+    The run's status stays true: KILLED after an interrupt (`interrupted`), and untouched by a
+    command that only reads a run (`keep_status`: validate, test, predict). A resumed fit replays
+    the stretch between its checkpoint and the kill; `skip_logged_steps` drops the points of that
+    stretch that the run already holds, so no metric gets two points at one step.
+    """
 
     env_steps: int | None = None
 
+    def __init__(self, *args, keep_status: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_status = keep_status
+        self.interrupted = False
+        self.logged_until: dict[str, int] = {}
+
+    def skip_logged_steps(self) -> None:
+        """Remember, per metric, the last step the run already holds."""
+        client, run_id = self.experiment, self.run_id
+        for key in client.get_run(run_id).data.metrics:
+            self.logged_until[key] = max(m.step for m in client.get_metric_history(run_id, key))
+
     def log_metrics(self, metrics, step=None) -> None:
-        super().log_metrics(metrics, step=step if self.env_steps is None else self.env_steps)
+        step = step if self.env_steps is None else self.env_steps
+        fresh = {k: v for k, v in metrics.items() if step > self.logged_until.get(k, -1)}
+        if fresh:
+            super().log_metrics(fresh, step=step)
+
+    def finalize(self, status: str = "success") -> None:
+        if self.keep_status:
+            return
+        super().finalize("KILLED" if self.interrupted else status)
