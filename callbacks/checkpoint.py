@@ -88,7 +88,7 @@ class EnvStepCheckpoint(ModelCheckpoint):
         directory = Path(self.dirpath)
         last = directory / LAST
         self.written = (env_loop_of(trainer).env_steps, trainer.global_step)
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)
         if trainer.is_global_zero:
             if keep:
                 hard_link(last, directory / keep)

@@ -71,9 +71,19 @@ def writing(checkpoints: Path) -> bool:
     return checkpoints.exists() and any(".tmp-" in p.name for p in checkpoints.rglob(".*"))
 
 
+def logged_frames(run_dir: Path) -> int:
+    """The furthest env frame count the run logged to MLflow (0 before any)."""
+    if not (run_dir / "mlflow.db").exists():
+        return 0
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return max((m.step for r in runs for m in client.get_metric_history(r.info.run_id, "train/updates")), default=0)
+
+
 def soak(tmp_path: Path, kills: int, total_steps: int, seed: int) -> None:
-    """SIGKILL a fit `kills` times, half at random moments and half while a file is being written,
-    resuming with --ckpt_path last each time; then let it finish and check the run."""
+    """SIGKILL a fit `kills` times, resuming with --ckpt_path last each time: during start-up,
+    while a checkpoint or replay file is being written, and at random moments of training; then
+    let it finish and check the run."""
     rng = random.Random(seed)
     run_dir, args = tmp_path / "tiny", ["--env.total_steps", str(total_steps), "--run.checkpoint_every", "24",
                                         "--ckpt_path", "last"]
@@ -83,20 +93,26 @@ def soak(tmp_path: Path, kills: int, total_steps: int, seed: int) -> None:
     for kill in range(kills):
         process = start(tmp_path, *args)
         before = counters(last) if last.exists() else (0, 0)
-        if kill % 2:  # while a checkpoint or replay file is being written
-            wait_for(lambda: writing(checkpoints), process, tmp_path, poll=0.0005)
-        else:
-            time.sleep(rng.uniform(4.0, 14.0))  # start-up, prefill or training
+        if kill % 4 == 0:  # during start-up or prefill
+            time.sleep(rng.uniform(1.0, 6.0))
+        elif kill % 2:  # while a checkpoint or replay file is being written
+            wait_for(lambda: writing(checkpoints), process, tmp_path, timeout=300, poll=0.0005)
+        else:  # at a random moment once this attempt has made progress (a new checkpoint), whatever the load
+            previous = last.stat().st_mtime_ns if last.exists() else 0
+            wait_for(lambda: last.exists() and last.stat().st_mtime_ns != previous, process, tmp_path, timeout=300)
+            time.sleep(rng.uniform(0.0, 3.0))
         hit_write = writing(checkpoints)
         process.send_signal(signal.SIGKILL)
         process.wait()
         during_write += hit_write
         after = counters(last) if last.exists() else (0, 0)
         history.append(after)
+        reached = logged_frames(run_dir)
         report.append(f"kill {kill + 1}: {'during a write' if hit_write else 'at a random moment'}, "
-                      f"checkpoint at {before[0]} -> {after[0]} env frames, {after[1]} updates")
+                      f"checkpoint at {before[0]} -> {after[0]} env frames, {after[1]} updates; "
+                      f"{max(0, reached - after[0])} frames lost (reached {reached})")
     process = start(tmp_path, *args)
-    assert wait(process, tmp_path) == 0, (tmp_path / "fit.log").read_text()[-3000:]
+    assert wait(process, tmp_path, timeout=900) == 0, (tmp_path / "fit.log").read_text()[-3000:]
     history.append(counters(last))
     print("\n".join(report + [f"final: {history[-1]}"]))
     assert during_write >= kills // 4, f"only {during_write} kills landed during a write"
@@ -125,7 +141,7 @@ def test_soak_long(tmp_path):
     soak(tmp_path, kills=30, total_steps=1200, seed=1)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["SIGTERM", "SIGINT", "SIGUSR1"])
 def test_a_stop_signal_writes_a_final_checkpoint_that_resumes(tmp_path, signum):
     run_dir = tmp_path / "tiny"
     last = run_dir / "checkpoints/last.ckpt"
@@ -185,7 +201,15 @@ def test_refused_and_read_only_commands_leave_a_finished_run_alone(tmp_path):
         result = subprocess.run([sys.executable, "-m", "wm", command, *TINY, "--run.root", str(tmp_path), *extra],
                                 cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode != 0, result.stderr[-2000:]
+    # A damaged replay file: the resume is refused before the run is touched.
+    chunk = next((run_dir / "checkpoints/replay/rank0/chunks").glob("*.chunk"))
+    files[chunk] = chunk.read_bytes()[:-5]
+    chunk.write_bytes(files[chunk])
+    result = subprocess.run([sys.executable, "-m", "wm", "fit", *TINY, "--run.root", str(tmp_path),
+                             "--env.total_steps", "48", "--ckpt_path", "last"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "corrupted or truncated" in result.stderr and "Traceback" not in result.stderr
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     runs = client.search_runs([before.info.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == before.info.run_id
+    assert runs[0].data.params == before.data.params
     assert {p: p.read_bytes() for p in files} == files

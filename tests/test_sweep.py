@@ -37,9 +37,10 @@ def test_slurm_script_runs_one_command_per_array_task(tmp_path):
                  "--root", str(tmp_path / "runs"), "--slurm", str(script), "--slurm-option=--gres=gpu:1"]) == 0
     text = script.read_text()
     assert "#SBATCH --array=0-5" in text and "#SBATCH --gres=gpu:1" in text
-    assert 'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"' in text
+    assert 'eval "exec ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"' in text
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@120" in text
     body = text[text.index("COMMANDS=(") : text.index(")\neval")]
-    assert body.count("-m wm fit") == 6
+    assert body.count("-m wm fit") == 6 and body.count("--ckpt_path last") == 6
     assert "'echo '\"'\"'a b'\"'\"''" in slurm_script([["echo", "a b"]], "x", [])  # quoted for bash
 
 
@@ -53,3 +54,7 @@ def test_local_sweep_fills_one_experiment(tmp_path):
     assert {r.data.params["model.objective.class_path"] for r in runs} == {"wm.objectives.Barlow", "wm.objectives.NoObjective"}
     assert all(r.data.params["seed_everything"] == "3" for r in runs)
     assert all(client.list_artifacts(r.info.run_id) for r in runs)
+    # Run again, the sweep resumes its runs: finished ones end at once, still one MLflow run each.
+    assert main(["--config", str(QUICK), "--objectives", "barlow", "--seeds", "3", "--root", str(root), "--", *TINY]) == 0
+    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)

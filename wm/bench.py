@@ -3,6 +3,8 @@
 Runs real updates of the Lightning agent through a Trainer on a random replay batch and prints
 the median seconds per update after warm-up, the share of each phase and the peak memory.
 `python -m wm.bench params --size size12M` prints the per-module parameter table.
+`python -m wm.bench replay --rows 100000 --new-rows 12500` prints the bytes and seconds of the
+first replay save of a buffer holding `rows` rows and of the next save, after `new_rows` more.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import tempfile
 import time
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from datamodules import ReplayBuffer, ReplayStore
 from wm.agent import Agent
 from wm.objectives import OBJECTIVES, make_objective
 from wm.profiling import start_recording, stop_recording
@@ -108,9 +112,27 @@ def print_params(args: argparse.Namespace) -> None:
     print(agent.parameter_table())
 
 
+def bench_replay(args: argparse.Namespace) -> None:
+    """A checkpoint's replay save: the first one writes every row; every later one what is new."""
+    shape = (args.image_size, args.image_size, 3)
+    buffer = ReplayBuffer(args.rows + args.new_rows, 1, {"image": shape}, args.action_dim)
+    pattern = torch.arange(256, dtype=torch.uint8)[:, None, None, None, None].expand(256, 1, *shape)
+    for start in range(0, args.rows + args.new_rows, 256):  # distinct rows, cheap to make
+        end = min(start + 256, args.rows + args.new_rows)
+        buffer.arrays["image"][start:end] = pattern[: end - start]
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        store = ReplayStore(folder)
+        for label, rows in (("first save", args.rows), (f"next save, {args.new_rows} rows later", args.rows + args.new_rows)):
+            buffer.steps_added = rows
+            start = time.perf_counter()
+            store.save(buffer, label.split(",")[0].replace(" ", "_"))
+            seconds = time.perf_counter() - start
+            print(f"{label:<34} at {rows:>9} rows: {store.bytes_written / 2**20:10.1f} MiB in {seconds:7.2f} s")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m wm.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["update", "params"])
+    parser.add_argument("what", choices=["update", "params", "replay"])
     parser.add_argument("--size", default="size12M", choices=list(SIZES))
     parser.add_argument("--objective", default="barlow", choices=list(OBJECTIVES))
     parser.add_argument("--precision", default="32", choices=list(PRECISIONS))
@@ -123,12 +145,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--updates", type=int, default=5, help="timed updates")
     parser.add_argument("--warmup", type=int, default=2, help="untimed updates first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--rows", type=int, default=100_000, help="replay: rows in the buffer at the first save")
+    parser.add_argument("--new-rows", type=int, default=12_500, help="replay: rows added before the next save")
+    parser.add_argument("--dir", default=None, help="replay: where to write (default: the system's temporary folder)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    (bench_update if args.what == "update" else print_params)(args)
+    {"update": bench_update, "params": print_params, "replay": bench_replay}[args.what](args)
 
 
 if __name__ == "__main__":

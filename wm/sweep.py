@@ -51,18 +51,26 @@ def sweep_commands(
             "--config", str(config), "--config", str(OBJECTIVE_CONFIGS / f"{objective}.yaml"),
             "--env.task", task, "--seed_everything", str(seed), "--env.seed", str(seed),
             "--run.root", str(root), "--run.experiment", experiment, "--run.tracking_uri", tracking_uri,
+            "--ckpt_path", "last",  # a rerun (or a requeued job) resumes; a finished run ends at once
             *extra,
         ])
     return commands
 
 
 def slurm_script(commands: list[list[str]], job_name: str, slurm_options: list[str]) -> str:
-    """A job-array script: array task i runs command i."""
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array=0-{len(commands) - 1}"]
+    """A job-array script: array task i runs command i.
+
+    Pre-emptible and requeueable: SLURM sends SIGUSR1 two minutes before the time limit to the
+    fit (the batch shell is replaced by it with `exec`), which writes a checkpoint at the next
+    update and requeues its array task; the requeued task resumes from it (`--ckpt_path last`).
+    A pre-emption's SIGTERM also ends the fit with a checkpoint.
+    """
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array=0-{len(commands) - 1}",
+             "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120"]
     lines += [f"#SBATCH {option}" for option in slurm_options]
     lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}", "COMMANDS=("]
     lines += [f"  {shlex.quote(shlex.join(command))}" for command in commands]
-    lines += [")", 'eval "${COMMANDS[$SLURM_ARRAY_TASK_ID]}"', ""]
+    lines += [")", 'eval "exec ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"', ""]
     return "\n".join(lines)
 
 
