@@ -85,7 +85,9 @@ class EnvLoop(L.Callback):
         probe.close()
         self.env_steps = 0  # environment frames collected on this rank
         self.episodes = 0
-        self.credit = 0.0  # agent steps owed to the train ratio
+        # Replayed steps (B x T per update) not yet paid for by agent steps (train_ratio each); kept
+        # in replayed steps as sums of fractional agent steps (e.g. 4/3) round below whole steps.
+        self.replay_credit = 0.0
         self.last_return = float("nan")
         self.last_eval_return = float("nan")
         self.next_eval = eval_every
@@ -105,7 +107,7 @@ class EnvLoop(L.Callback):
         return {
             "env_steps": self.env_steps,
             "episodes": self.episodes,
-            "credit": self.credit,
+            "replay_credit": self.replay_credit,
             "last_return": self.last_return,
             "last_eval_return": self.last_eval_return,
             "next_eval": self.next_eval,
@@ -116,7 +118,7 @@ class EnvLoop(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.restored = dict(state)
-        for key in ("env_steps", "episodes", "credit", "last_return", "last_eval_return", "next_eval", "last_eval_at"):
+        for key in ("env_steps", "episodes", "replay_credit", "last_return", "last_eval_return", "next_eval", "last_eval_at"):
             setattr(self, key, state[key])
 
     @staticmethod
@@ -186,10 +188,11 @@ class EnvLoop(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         dm = trainer.datamodule
         dm.write_back(batch, outputs)
-        self.credit += dm.batch_size * dm.sequence_length / self.train_ratio
-        while self.credit >= self.num_envs:
+        self.replay_credit += dm.batch_size * dm.sequence_length
+        vector_step = self.num_envs * self.train_ratio  # replayed steps one step of every env pays for
+        while self.replay_credit >= vector_step:
             self.step(pl_module)
-            self.credit -= self.num_envs
+            self.replay_credit -= vector_step
         if self.eval_every and self.env_steps >= self.next_eval and self.evaluate(trainer, pl_module) is not None:
             self.next_eval += self.eval_every
         self._log(trainer, pl_module)
@@ -256,12 +259,13 @@ class EnvLoop(L.Callback):
             self.episode_return[i], self.episode_length[i], self.episode_success[i] = 0.0, 0, False
 
     def _add(self, action, reward, terminated, last) -> None:
+        """One row of the buffer, which zeroes the action and reward of `is_first` rows."""
         first = self.is_first
         self.buffer.add(
             {
                 **self.obs,
-                "action": np.where(first[:, None], 0.0, action).astype(np.float32),
-                "reward": np.where(first, 0.0, reward).astype(np.float32),
+                "action": action,
+                "reward": reward,
                 "is_first": first.copy(),
                 "is_last": np.asarray(last, bool) & ~first,
                 "is_terminal": np.asarray(terminated, bool) & ~first,

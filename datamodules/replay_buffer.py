@@ -42,6 +42,11 @@ class ReplayIndex(NamedTuple):
     serial: int = 0  # the batch's number in its sample stream
 
 
+def per_env_capacity(capacity: int, num_envs: int) -> int:
+    """Steps each env stream keeps of a buffer of `capacity` steps in all."""
+    return math.ceil(capacity / num_envs)
+
+
 def buffer_config(
     capacity: int,
     num_envs: int,
@@ -51,7 +56,7 @@ def buffer_config(
 ) -> dict[str, Any]:
     """The configuration that decides a buffer's array shapes, as plain JSON values."""
     return {
-        "capacity_per_env": math.ceil(capacity / num_envs),
+        "capacity_per_env": per_env_capacity(capacity, num_envs),
         "num_envs": num_envs,
         "observation_shapes": {k: [int(n) for n in v] for k, v in observation_shapes.items()},
         "action_dim": action_dim,
@@ -91,7 +96,7 @@ class ReplayBuffer:
         if directory is not None and self.device.type != "cpu":
             raise ValueError(f"memory-mapped replay (directory={directory!r}) lives on the CPU, not on {device!r}")
         self.num_envs = num_envs
-        self.capacity_per_env = math.ceil(capacity / num_envs)
+        self.capacity_per_env = per_env_capacity(capacity, num_envs)
         self.observation_shapes = {k: tuple(int(n) for n in v) for k, v in observation_shapes.items()}
         self.action_dim = action_dim
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
@@ -173,7 +178,9 @@ class ReplayBuffer:
     # ------------------------------------------------------------------------------- adding
     def add(self, step: Mapping[str, Any]) -> None:
         """Store one vector-env step: every key with a leading num_envs axis. `action` is the
-        action that led to this observation; it is zeroed where `is_first`."""
+        action that led to this observation and `reward` what it earned; both are stored as zero
+        where `is_first`, as no step leads to an episode's first observation (the writer's values
+        there, e.g. the action a NEXT_STEP autoreset ignored, are dropped)."""
         row = {}
         for name, (shape, dtype) in self.layout.items():
             if name in LATENT_KEYS:
@@ -186,7 +193,9 @@ class ReplayBuffer:
                     f"replay step key {name!r} has shape {tuple(value.shape)}, expected {(self.num_envs, *shape)}"
                 )
             row[name] = value.to(self.device, dtype)
-        row["action"] = row["action"] * ~row["is_first"][:, None]
+        first = row["is_first"]
+        row["action"] = torch.where(first[:, None], 0.0, row["action"])
+        row["reward"] = torch.where(first, 0.0, row["reward"])
         pos = self.position
         for name, value in row.items():
             self.arrays[name][pos] = value

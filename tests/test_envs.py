@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from wm.envs import Catch, DMCEnv, PointReach, available_tasks, make_env, make_vector_env
+from wm.envs import ActionRepeat, Catch, DMCEnv, PointReach, available_tasks, make_env, make_vector_env
 
 
 def _centroid(image, colour):
@@ -109,11 +109,59 @@ def test_dmc_pixels_with_action_repeat():
     obs, _ = env.reset(seed=0)
     assert obs["image"].shape == (64, 64, 3) and obs["image"].dtype == np.uint8
     np.testing.assert_array_equal(obs["image"], env.reset(seed=0)[0]["image"])
-    for _ in range(3):
+    suite_env = env.unwrapped._env
+    for step in range(1, 4):
         obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
         assert env.observation_space.contains(obs) and 0.0 <= reward <= 2.0
         assert not terminated and not truncated
+        # Two control steps of the simulator per agent step, and both rewards summed: the pole
+        # starts upright, where each control step pays almost 1.
+        assert suite_env.physics.data.time == pytest.approx(2 * step * suite_env.control_timestep())
+        assert reward > 1.5
     env.close()
+
+
+class Frames(gym.Env):
+    """Counts the frames it is stepped; pays the frame number; terminates at frame `end`."""
+
+    observation_space = gym.spaces.Discrete(100)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, end: int):
+        self.end, self.frames = end, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.frames = 0
+        return 0, {}
+
+    def step(self, action):
+        self.frames += 1
+        return self.frames, float(self.frames), self.frames == self.end, False, {}
+
+
+def test_action_repeat_steps_repeat_frames_sums_rewards_and_stops_at_the_end():
+    env = ActionRepeat(Frames(end=5), 3)
+    env.reset()
+    assert env.step(0) == (3, 1.0 + 2.0 + 3.0, False, False, {})
+    assert env.unwrapped.frames == 3
+    assert env.step(0) == (5, 4.0 + 5.0, True, False, {})  # the episode ends after 2 of 3 frames
+    assert env.unwrapped.frames == 5
+    with pytest.raises(ValueError, match=">= 1"):
+        ActionRepeat(Frames(end=5), 0)
+
+
+def test_factory_repeats_toy_actions():
+    """make_env's action_repeat=3 on point_reach equals 3 steps of the bare task."""
+    env = make_env("toy-point_reach", action_repeat=3, seed=0)
+    bare = PointReach()
+    obs, _ = env.reset(seed=1)
+    np.testing.assert_array_equal(obs["image"], bare.reset(seed=1)[0]["image"])
+    action = np.array([1.0, -0.5], np.float32)
+    obs, reward, *_ = env.step(action)
+    steps = [bare.step(action) for _ in range(3)]
+    np.testing.assert_array_equal(obs["image"], steps[-1][0]["image"])
+    assert reward == pytest.approx(sum(step[1] for step in steps)) and 0 < steps[0][1] < reward
 
 
 def test_unknown_tasks_list_valid_names():

@@ -1,5 +1,6 @@
-"""Replay buffer and data module: layout, FIFO windows, replay context, memory-maps, and the
-agent training on replayed batches (persistence: tests/test_replay_store.py)."""
+"""Replay buffer and data module: layout, FIFO windows, replay context, memory-maps, the
+agent training on replayed batches (persistence: tests/test_replay_store.py), and the random
+shift that augments replayed images."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from datamodules import ReplayBuffer, ReplayDataModule
 from wm.agent import Agent
+from wm.augment import random_shift
 from wm.objectives import Barlow
 from wm.sizes import model_size
 
@@ -22,8 +24,8 @@ def make_buffer(capacity=12, num_envs=2, latent=LATENT, **kwargs) -> ReplayBuffe
 
 
 def step(row: int, num_envs: int = 2) -> dict[str, np.ndarray]:
-    """Row `row` of every env: the step number and env id are readable from reward and state
-    (reward = 10 * row + env); an episode starts every 5 rows."""
+    """Row `row` of every env: the step number and env id are readable from state, and from
+    reward (10 * row + env) except on is_first rows, which store none; an episode starts every 5 rows."""
     env = np.arange(num_envs)
     first = np.full(num_envs, row % 5 == 0)
     return {
@@ -74,13 +76,28 @@ def test_add_and_sample_shapes_and_dtypes():
     assert not batch["action"][batch["is_first"]].any(), "no action leads to an episode's first step"
 
 
+def test_is_first_rows_store_no_action_and_no_reward_whatever_the_writer_passes():
+    buffer = make_buffer(capacity=12, num_envs=2)
+    for row in range(3):
+        written = step(row)  # row 0 starts an episode in both envs; here env 1 also restarts at row 2
+        written["is_first"] = np.array([row == 0, row in (0, 2)])
+        written["is_last"] = np.array([False, row == 1])
+        buffer.add(written)
+    first = buffer.arrays["is_first"][:3]
+    assert first.tolist() == [[True, True], [False, False], [False, True]]
+    assert not buffer.arrays["action"][:3][first].any() and not buffer.arrays["reward"][:3][first].any()
+    # Everywhere else, what was written is stored.
+    assert (buffer.arrays["action"][:3][~first] == torch.tensor([[2.0, 2.0], [2.0, 2.0], [3.0, 3.0]])).all()
+    assert buffer.arrays["reward"][:3][~first].tolist() == [10.0, 11.0, 20.0]
+
+
 def test_sequences_are_consecutive_steps_of_one_env():
     buffer = fill(make_buffer(capacity=40, num_envs=4), 9)
     batch, index = buffer.sample(64, 5, torch.Generator().manual_seed(1))
     row, env = batch["state"][..., 0], batch["state"][..., 1]
     assert (row.diff(dim=1) == 1).all()
     assert (env == index.env[:, None].float()).all()
-    assert torch.equal(batch["reward"], 10 * row + env)
+    assert torch.equal(batch["reward"], torch.where(batch["is_first"], 0.0, 10 * row + env))
     assert (batch["image"] == row[..., None, None, None].to(torch.uint8)).all()
     assert set(env[:, 0].tolist()) == {0, 1, 2, 3}
 
@@ -123,9 +140,14 @@ def test_memmap_cuda_combination_is_refused(tmp_path):
 
 
 # -------------------------------------------------------------------------- replay context
+def step_code(state: torch.Tensor) -> torch.Tensor:
+    """10 * row + env of stored steps, read from their `state`."""
+    return 10 * state[..., 0] + state[..., 1]
+
+
 def latents_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posteriors that encode the step: deter = reward everywhere, stoch class = row % classes."""
-    deter = batch["reward"][..., None].expand(*batch["reward"].shape, LATENT[0])
+    """Posteriors that encode the step: deter = step_code everywhere, stoch class = row % classes."""
+    deter = step_code(batch["state"])[..., None].expand(*batch["reward"].shape, LATENT[0])
     classes = (batch["state"][..., 0].long() % LATENT[2])[..., None].expand(*batch["reward"].shape, LATENT[1])
     return deter, torch.nn.functional.one_hot(classes, LATENT[2]).float()
 
@@ -140,7 +162,7 @@ def test_context_is_the_written_back_latent_of_the_previous_step():
     batch, _ = buffer.sample(100, 2, gen)
     has_previous = batch["state"][:, 0, 0] > 3
     assert has_previous.any() and (~has_previous).any()
-    previous = batch["reward"][:, 0] - 10
+    previous = step_code(batch["state"][:, 0]) - 10
     expected_deter = torch.where(has_previous, previous, 0.0)[:, None].expand(-1, LATENT[0])
     assert torch.equal(batch["deter"], expected_deter)
     prev_class = (batch["state"][:, 0, 0].long() - 1) % LATENT[2]
@@ -168,7 +190,7 @@ def test_write_back_skips_steps_overwritten_since_sampling():
     fill(buffer, 2, start=6)  # rows 0 and 1 of the ring now hold steps 6 and 7
     buffer.write_latents(index, *latents_of(batch))
     assert not buffer.arrays["deter"][:2].any()
-    assert (buffer.arrays["deter"][2:, :, 0] == buffer.arrays["reward"][2:]).all()
+    assert (buffer.arrays["deter"][2:, :, 0] == step_code(buffer.arrays["state"][2:])).all()
 
 
 def test_memmap_storage(tmp_path):
@@ -301,3 +323,30 @@ def test_sampler_state_round_trips_through_the_datamodule():
 def latents_like(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     b, t = batch["reward"].shape
     return {"deter": torch.zeros(b, t, *batch["deter"].shape[1:]), "stoch": torch.zeros(b, t, *batch["stoch"].shape[1:])}
+
+
+# ----------------------------------------------------------------------------- augmentation
+def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(*, H, W, C) images moved by (dy, dx): output pixel (i, j) is input pixel (i + dy, j + dx),
+    clamped to the image (the border replicates the edge)."""
+    height, width = images.shape[-3:-1]
+    rows = (torch.arange(height) + dy).clamp(0, height - 1)
+    cols = (torch.arange(width) + dx).clamp(0, width - 1)
+    return images[..., rows[:, None], cols[None, :], :]
+
+
+def test_random_shift_moves_each_image_by_its_own_offset_with_replicated_edges():
+    pad = 4
+    images = torch.randint(0, 256, (3, 100, 12, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = random_shift(images, pad, generator=torch.Generator().manual_seed(1))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(out, random_shift(images, pad, generator=torch.Generator().manual_seed(1)))
+    offsets = [(dy, dx) for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1)]
+    candidates = torch.stack([shifted(images, dy, dx) for dy, dx in offsets])  # (81, 3, 100, H, W, C)
+    matches = (candidates == out).flatten(3).all(-1)  # (81, 3, 100): which offsets give each output
+    assert (matches.sum(0) == 1).all(), "every output is its input shifted by exactly one offset"
+    drawn = [offsets[k] for k in matches.int().argmax(0).flatten().tolist()]
+    assert {dy for dy, _ in drawn} == {dx for _, dx in drawn} == set(range(-pad, pad + 1))
+    assert len(set(drawn)) > 60, "offsets are drawn per image, over the whole square"
+    floats = random_shift(images.float() / 255, pad, generator=torch.Generator().manual_seed(1))
+    assert floats.dtype == torch.float32 and torch.equal(floats, out / 255), "the same shift for any dtype"

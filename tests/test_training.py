@@ -3,6 +3,7 @@ real MLflow store, checkpoints, resume, DDP and the errors a user meets."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -10,13 +11,14 @@ import sys
 from pathlib import Path
 
 import imageio.v2 as iio
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from datamodules import ReplayBuffer, ReplayStore
-from wm.cli import main
+from wm.cli import CheckpointError, main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -49,6 +51,24 @@ def saved_buffer(run_dir: Path, rank: int = 0, checkpoint: str = "last.ckpt") ->
 def callback_state(checkpoint: Path, name: str) -> dict:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return next(v for k, v in state["callbacks"].items() if k.startswith(name))
+
+
+def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest() for name, t in tensors.items()}
+
+
+class ParameterDigests(L.Callback):
+    """Test-only: when training ends, each rank writes a digest of every model tensor to
+    `<directory>/rank<r>.json` ({"parameters": {name: sha256}, "buffers": {...}})."""
+
+    def __init__(self, directory: str):
+        self.directory = Path(directory)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        entries = {"parameters": digests(dict(pl_module.named_parameters())),
+                   "buffers": digests(dict(pl_module.named_buffers()))}
+        (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(entries))
 
 
 def test_fit_logs_a_run_that_mlflow_reads_back(tmp_path):
@@ -120,10 +140,30 @@ def test_refuses_to_overwrite_or_load_a_bad_checkpoint(tmp_path):
         fit(tmp_path, "--env.total_steps", "24")
     with pytest.raises(ValueError, match="belongs to another model.*objective"):
         fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", "last", "--model.objective", "wm.objectives.NoObjective")
+    # Another model size, or a task with another action space: refused, naming the difference.
+    with pytest.raises(CheckpointError, match=r"another model \(size: checkpoint 'size1M', config 'size12M'\)"):
+        fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", "last", "--model.size", "size12M")
+    with pytest.raises(CheckpointError, match=r"action_dim: checkpoint 3, config 2; discrete: checkpoint True, config False"):
+        fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", "last", "--env.task", "toy-point_reach")
+    assert last.read_bytes() == before
     last.write_bytes(before[: len(before) // 2])
     with pytest.raises(ValueError, match="corrupted or unreadable"):
         fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", "last")
     assert last.read_bytes() == before[: len(before) // 2]
+
+
+def test_periodic_checkpoints_at_each_multiple_of_checkpoint_every(tmp_path):
+    """--run.checkpoint_every 20: envstep=20/40/60.ckpt and no others. Prefill collects 16
+    frames, then each update is followed by one env frame, so update u ends at 16 + u frames."""
+    fit(tmp_path, "--env.total_steps", "60")
+    checkpoints = tmp_path / "tiny/checkpoints"
+    names = sorted(p.name for p in checkpoints.glob("*.ckpt"))
+    assert names == ["envstep=20.ckpt", "envstep=40.ckpt", "envstep=60.ckpt", "last.ckpt"]
+    for frames in (20, 40, 60):
+        path = checkpoints / f"envstep={frames}.ckpt"
+        assert callback_state(path, "EnvLoop")["env_steps"] == frames
+        assert torch.load(path, map_location="cpu", weights_only=True)["global_step"] == frames - 16
+    assert (checkpoints / "last.ckpt").samefile(checkpoints / "envstep=60.ckpt"), "the run ended at 60 frames"
 
 
 def test_cli_refuses_unknown_keys_and_tasks(tmp_path, capsys):
@@ -142,13 +182,23 @@ def test_print_config_shows_no_shapes():
 
 def test_two_process_ddp_fit(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    callback = {"class_path": "tests.test_training.ParameterDigests", "init_args": {"directory": str(tmp_path / "digests")}}
     cmd = [sys.executable, "-m", "wm", "fit", *TINY, "--run.root", str(tmp_path), "--env.total_steps", "24",
-           "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.callbacks", json.dumps([callback])]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     images = [saved_buffer(tmp_path / "tiny", rank).arrays["image"] for rank in (0, 1)]
     assert images[0].any() and not torch.equal(images[0], images[1]), "ranks must collect their own experience"
     client_for(tmp_path / "tiny")  # exactly one MLflow run
+    # The ranks train one model: after their updates every parameter is the same on both, and
+    # the checkpoint holds it. Buffers are not compared: each rank's return normaliser
+    # (actor_critic.retnorm low/high) follows its own imagined returns, and they differ here.
+    ranks = [json.loads((tmp_path / f"digests/rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["parameters"] and ranks[0]["parameters"] == ranks[1]["parameters"]
+    last = torch.load(tmp_path / "tiny/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] > 0
+    saved = digests({name: last["state_dict"][name] for name in ranks[0]["parameters"]})
+    assert saved == ranks[0]["parameters"]
 
 
 @pytest.mark.slow

@@ -13,11 +13,11 @@ the conv encoder cannot halve four times fails in `wm.encoder.check_image_shape`
 
 from __future__ import annotations
 
-import math
 
 import torch
 from lightning.pytorch.accelerators import AcceleratorRegistry
 
+from datamodules.replay_buffer import per_env_capacity
 from wm.sizes import SIZES
 
 NOTHING_CREATED = "Nothing was created."
@@ -63,10 +63,10 @@ def env_and_data_problems(config) -> list[str]:
                         "update is followed by batch_size x sequence_length / train_ratio agent steps. "
                         "Set --env.train_ratio to a positive number, e.g. 32.")
     capacity, length, envs = config.get("data.capacity"), config.get("data.sequence_length"), config.get("env.num_envs")
-    if all(isinstance(v, int) and v > 0 for v in (capacity, length, envs)) and math.ceil(capacity / envs) < length:
+    if all(isinstance(v, int) and v > 0 for v in (capacity, length, envs)) and per_env_capacity(capacity, envs) < length:
         problems.append(
             f"data.capacity={capacity} is too small: each of the {envs} env streams keeps ceil(capacity / "
-            f"env.num_envs) = {math.ceil(capacity / envs)} steps and must hold a full sequence "
+            f"env.num_envs) = {per_env_capacity(capacity, envs)} steps and must hold a full sequence "
             f"(data.sequence_length={length}), so capacity must be >= sequence_length x env.num_envs = "
             f"{length * envs}. Raise --data.capacity or lower --data.sequence_length."
         )
