@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from tests.test_losses import tiny_agent, tiny_batch, trainer
 from wm.agent import Agent
 from wm.bench import RepeatBatch
 from wm.objectives import Barlow, MuDreamer, NoObjective, ObjectiveInputs, Reconstruction
@@ -143,34 +144,34 @@ def test_replay_value_loss_reaches_the_world_model():
 
 
 class LossRecorder(L.Callback):
-    def __init__(self):
+    """The logged world-model loss and objective terms of every update."""
+
+    def __init__(self, terms: tuple[str, ...] = ()):
+        self.terms = terms
         self.world_model: list[float] = []
+        self.objective: dict[str, list[float]] = {term: [] for term in terms}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.world_model.append(float(trainer.callback_metrics["train/world_model/loss"]))
+        for term in self.terms:
+            self.objective[term].append(float(trainer.callback_metrics[f"train/world_model/{term}"]))
+
+
+# Each objective's own loss terms: each must fall on a fixed batch, not only the total.
+OWN_TERMS = {"reconstruction": ("recon_image",), "barlow": ("barlow",), "mudreamer": ("value", "action"), "none": ()}
 
 
 @pytest.mark.parametrize("name", OBJECTIVES)
 @pytest.mark.parametrize("discrete", [False, True])
-def test_updates_on_a_fixed_batch_decrease_world_model_loss(name, discrete):
+def test_updates_on_a_fixed_batch_decrease_world_model_loss_and_each_objective_term(name, discrete):
     agent = make_agent(OBJECTIVES[name](), discrete, optimizer=OptimizerConfig(lr=1e-3, warmup=0))
     batch = batch_for(agent, batch=4, length=12)
-    recorder = LossRecorder()
-    trainer = L.Trainer(
-        max_steps=30,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        callbacks=[recorder],
-    )
-    trainer.fit(agent, DataLoader(RepeatBatch(batch), batch_size=None))
-    losses = recorder.world_model
-    assert len(losses) == 30 and agent.global_step == 30
-    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < 0.9 * first, f"world-model loss {first:.3f} -> {last:.3f}"
+    recorder = LossRecorder(OWN_TERMS[name])
+    trainer(30, recorder).fit(agent, DataLoader(RepeatBatch(batch), batch_size=None))
+    assert len(recorder.world_model) == 30 and agent.global_step == 30
+    for term, losses in {"world_model/loss": recorder.world_model, **recorder.objective}.items():
+        first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+        assert last < first - 0.1 * abs(first), f"{term} {first:.4f} -> {last:.4f}: {[round(v, 4) for v in losses]}"
 
 
 def test_dict_and_vector_observations():
@@ -219,33 +220,35 @@ def test_act_keeps_one_state_per_env_and_resets_on_is_first(discrete):
         agent.act(obs, mode="best")
 
 
-def test_state_dict_holds_everything_a_resumed_run_needs():
-    agent = make_agent(MuDreamer())
+def test_state_dict_holds_everything_a_resumed_run_needs(monkeypatch):
+    shapes = {"image": (16, 16, 3)}  # an image, so that MuDreamer's encoder has BatchNorm statistics
+    agent = tiny_agent(monkeypatch, MuDreamer(), shapes=shapes, optimizer=OptimizerConfig(lr=1e-3, warmup=10))
     keys = set(agent.state_dict())
     assert {"actor_critic.retnorm.low", "actor_critic.retnorm.high"} <= keys
     assert any(k.startswith("actor_critic.slow_critic.") for k in keys)
     assert any(k.startswith("world_model.objective.teacher.") for k in keys)
     assert any(k.endswith("running_mean") for k in keys)
-    # A step changes the normaliser and slow critic; a fresh agent loading the state matches.
-    optimizer = agent.configure_optimizers()
-    batch = batch_for(agent)
-    for _ in range(2):  # zero-initialised reward head: imagined returns are 0 before one step
-        total, _, _ = agent.losses(batch)
-        backward(agent, total)
-        optimizer.step()
-        agent.actor_critic.update_slow_critic()
-        agent.world_model.objective.after_update()
+    # Real updates change the normaliser, the slow critic, the teacher and the BatchNorm statistics;
+    # a fresh agent loading the state computes the same losses. Two updates: the zero-initialised
+    # reward head imagines returns of exactly 0 in the first.
+    fit = trainer(2)
+    fit.fit(agent, DataLoader(RepeatBatch(tiny_batch(shapes)), batch_size=None))
     assert agent.actor_critic.retnorm.high != 0
-    clone = make_agent(MuDreamer())
+    clone = tiny_agent(monkeypatch, MuDreamer(), shapes=shapes)
+    changed = [k for k, v in clone.state_dict().items() if not torch.equal(v, agent.state_dict()[k])]
+    for prefix in ("actor_critic.retnorm.", "actor_critic.slow_critic.", "world_model.objective.teacher."):
+        assert any(k.startswith(prefix) for k in changed), prefix
+    assert any(k.endswith("running_mean") for k in changed)
     clone.load_state_dict(agent.state_dict())
     agent.eval(), clone.eval()
+    batch = tiny_batch(shapes, seed=1)
     torch.manual_seed(3)
     a, _, _ = agent.losses(batch)
     torch.manual_seed(3)
     b, _, _ = clone.losses(batch)
     assert torch.allclose(a, b)
     restored = clone.configure_optimizers()
-    restored.load_state_dict(optimizer.state_dict())
+    restored.load_state_dict(fit.optimizers[0].state_dict())
     assert restored.param_groups[0]["updates"] == 2
 
 

@@ -147,7 +147,7 @@ def test_symexp_bins_values_and_exact_symmetry():
     assert bool((bins[1:] > bins[:-1]).all())
 
 
-def _expected_two_hot(x: float, bins: np.ndarray) -> np.ndarray:
+def np_two_hot(x: float, bins: np.ndarray) -> np.ndarray:
     """Hand two-hot: weights on the bracketing bins, linear in raw space."""
     out = np.zeros(len(bins))
     x = min(max(x, bins[0]), bins[-1])
@@ -184,7 +184,7 @@ def test_two_hot_encode_weights():
         k = np.searchsorted(bins64, v, side="right") - 1
         assert set(nz) <= {k, k + 1}
         assert bins64[nz[0]] <= v <= bins64[nz[-1]]
-        np.testing.assert_allclose(row, _expected_two_hot(v, bins64), rtol=0, atol=2e-6)
+        np.testing.assert_allclose(row, np_two_hot(v, bins64), rtol=0, atol=2e-6)
         # weighted sum of bins is the value itself
         np.testing.assert_allclose(row @ bins64, v, rtol=1e-5, atol=1e-7)
     # a value that lies exactly on a bin is one-hot on it
@@ -223,14 +223,14 @@ def test_two_hot_decode_and_loss_vs_numpy():
     probs = np_softmax(logits.numpy())
     np.testing.assert_allclose(two_hot.decode(logits).numpy(), probs @ bins64, rtol=1e-4, atol=1e-4)
     logp = np_log_softmax(logits.numpy())
-    expected = np.array([-(_expected_two_hot(t, bins64) * lp).sum() for t, lp in zip(targets.tolist(), logp)])
+    expected = np.array([-(np_two_hot(t, bins64) * lp).sum() for t, lp in zip(targets.tolist(), logp)])
     np.testing.assert_allclose(two_hot.loss(logits, targets).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- categoricals
 
 
-def _np_kl(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+def np_kl(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """KL[lhs || rhs] with explicit loops over latents and classes; logits (B, L, K) -> (B,)."""
     out = np.zeros(lhs.shape[0])
     for b in range(lhs.shape[0]):
@@ -246,7 +246,7 @@ def test_categorical_kl_vs_numpy():
     lhs, rhs = torch.randn(3, 5, 4) * 2, torch.randn(3, 5, 4) * 2
     got = categorical_kl(lhs, rhs)
     assert got.shape == (3,)
-    np.testing.assert_allclose(got.numpy(), _np_kl(lhs.numpy(), rhs.numpy()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.numpy(), np_kl(lhs.numpy(), rhs.numpy()), rtol=1e-5, atol=1e-6)
     assert categorical_kl(lhs, lhs).abs().max().item() == 0.0
 
 
@@ -265,7 +265,7 @@ def test_kl_losses_values_and_free_bits():
     prior = torch.randn(4, 8, 5) * 3
     prior[0] = post[0]  # identical: KL exactly 0, clipped to 1
     dyn, rep = kl_losses(post, prior, 1.0)
-    kl = _np_kl(post.numpy(), prior.numpy())
+    kl = np_kl(post.numpy(), prior.numpy())
     assert kl[1:].min() > 1.0  # the others are above the free bits
     expected = np.maximum(1.0, kl)
     np.testing.assert_allclose(dyn.numpy(), expected, rtol=1e-5)
@@ -351,7 +351,7 @@ def test_continue_loss_is_bernoulli_nll():
 # ----------------------------------------------------------------------------- returns
 
 
-def _np_lambda_return(reward, cont, boot, lam, last=None):
+def np_lambda_return(reward, cont, boot, lam, last=None):
     """Hand-unrolled recursion, one sequence at a time."""
     reward, cont, boot = (np.asarray(v, dtype=np.float64) for v in (reward, cont, boot))
     n, t_len = reward.shape
@@ -374,7 +374,7 @@ def test_lambda_return_matches_hand_recursion():
     cont = torch.rand(n, t_len)
     got = lambda_return(reward, cont, boot, 0.95)
     assert got.shape == (n, t_len - 1)
-    np.testing.assert_allclose(got.numpy(), _np_lambda_return(reward, cont, boot, 0.95), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.numpy(), np_lambda_return(reward, cont, boot, 0.95), rtol=1e-5, atol=1e-6)
     # the last return is r_{T-1} + c_{T-1} boot_{T-1}
     np.testing.assert_allclose(got[:, -1].numpy(), (reward[:, -1] + cont[:, -1] * boot[:, -1]).numpy(), rtol=1e-6)
 
@@ -389,7 +389,7 @@ def test_lambda_return_last_cuts_the_return():
     last[1, 6] = True
     got = lambda_return(reward, cont, boot, 0.95, last=last)
     np.testing.assert_allclose(
-        got.numpy(), _np_lambda_return(reward, cont, boot, 0.95, last.numpy()), rtol=1e-5, atol=1e-6
+        got.numpy(), np_lambda_return(reward, cont, boot, 0.95, last.numpy()), rtol=1e-5, atol=1e-6
     )
     # R_2 of sequence 0 stops at the cut: r_3 + c_3 boot_3, independent of anything later
     np.testing.assert_allclose(got[0, 2].item(), (reward[0, 3] + 0.99 * boot[0, 3]).item(), rtol=1e-6)
@@ -431,7 +431,7 @@ def test_return_normalizer_percentiles_and_ema():
     low = high = 0.0
     for i in range(6):
         returns = torch.randn(4, 37) * (10.0 + 20 * i) + 3.0 * i
-        norm.update(returns)
+        norm.store_(norm.advance(returns))
         values = returns.numpy().astype(np.float64).ravel()
         p5, p95 = np.percentile(values, 5), np.percentile(values, 95)  # numpy default: linear
         low = 0.99 * low + 0.01 * p5
@@ -442,12 +442,22 @@ def test_return_normalizer_percentiles_and_ema():
     assert norm.scale().item() > 1.0
     # a small range stays at the limit
     small = ReturnNormalizer()
-    small.update(torch.linspace(0, 1, 11))
+    small.store_(small.advance(torch.linspace(0, 1, 11)))
     assert small.scale().item() == 1.0
+    # advance computes the next EMAs without storing them; store_ stores them
+    before = (norm.low.item(), norm.high.item())
+    returns = torch.randn(50) * 40.0
+    advanced = norm.advance(returns)
+    assert (norm.low.item(), norm.high.item()) == before
+    p5, p95 = np.percentile(returns.numpy().astype(np.float64), [5, 95])
+    np.testing.assert_allclose(advanced.numpy(), [0.99 * before[0] + 0.01 * p5, 0.99 * before[1] + 0.01 * p95], rtol=1e-5)
+    np.testing.assert_allclose(norm.scale(advanced).item(), max(1.0, advanced[1].item() - advanced[0].item()), rtol=1e-6)
+    norm.store_(advanced)
+    assert torch.equal(torch.stack([norm.low, norm.high]), advanced)
     # percentiles are interpolated like numpy on a tiny known set
     tiny = ReturnNormalizer(rate=1.0)
     data = np.array([0.0, 1.0, 2.0, 10.0])
-    tiny.update(torch.tensor(data))
+    tiny.store_(tiny.advance(torch.tensor(data)))
     np.testing.assert_allclose(tiny.low.item(), np.percentile(data, 5), rtol=1e-6)
     np.testing.assert_allclose(tiny.high.item(), np.percentile(data, 95), rtol=1e-6)
     np.testing.assert_allclose(tiny.low.item(), 0.15, rtol=1e-6)
@@ -466,7 +476,7 @@ def test_ema_update():
 # ----------------------------------------------------------------------------- Barlow Twins
 
 
-def _np_barlow(a: np.ndarray, b: np.ndarray, lam: float) -> float:
+def np_barlow(a: np.ndarray, b: np.ndarray, lam: float) -> float:
     """Direct double loop over the cross-correlation matrix."""
     n, d = a.shape
 
@@ -494,7 +504,7 @@ def test_barlow_twins_loss_vs_double_loop():
         a = torch.randn(n, d) * 3 + 1
         b = 0.7 * a + torch.randn(n, d)
         got = barlow_twins_loss(a, b, lam).item()
-        np.testing.assert_allclose(got, _np_barlow(a.numpy(), b.numpy(), lam), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, np_barlow(a.numpy(), b.numpy(), lam), rtol=1e-5, atol=1e-6)
 
 
 def _decorrelated(n: int, d: int, seed: int) -> torch.Tensor:
@@ -529,6 +539,7 @@ def test_action_nll_continuous():
     b, d = 4, 3
     raw = torch.randn(b, 2 * d) * 1.5
     target = torch.rand(b, d) * 1.8 - 0.9
+    target[0, 0] = 1.3  # taken as it is: no clamp to the policy's range
     got = action_nll(raw, target, discrete=False).numpy()
     r, t = raw.numpy().astype(np.float64), target.numpy().astype(np.float64)
     expected = np.zeros(b)

@@ -8,9 +8,9 @@ import lightning as L
 import torch
 from torch import distributions as td
 
-from wm.distributions import TwoHot, continuous_policy, discrete_policy, symexp_bins
+from wm.distributions import POLICY_UNIMIX, TwoHot, continuous_policy, discrete_policy, symexp_bins
 from wm.nets import Head
-from wm.returns import ReturnNormalizer, ema_update_, frozen_copy, lambda_return
+from wm.returns import ReturnNormalizer, ema_update_, frozen_copy, lambda_return, replay_returns
 from wm.sizes import ModelSize
 
 
@@ -25,7 +25,7 @@ class ActorCriticConfig:
     slow_reg: float = 1.0  # weight of the cross-entropy to the slow critic
     retnorm_rate: float = 0.01
     retnorm_limit: float = 1.0
-    policy_unimix: float = 0.01  # discrete policies; SPEC is silent, DreamerV3 uses 1%
+    policy_unimix: float = POLICY_UNIMIX  # discrete policies (and MuDreamer's action head)
     layers: int = 3
 
 
@@ -64,12 +64,17 @@ class ActorCritic(L.LightningModule):
         feat (N, H + 1, F) imagined states (no gradient to the world model), action (N, H, A) the
         actions taken in the first H states, reward and cont (N, H + 1) predicted for arriving
         at each state. Returns the losses and the lambda-returns (N, H).
+
+        Changes no state: the advantage is scaled by the return normaliser advanced with these
+        returns, and the advanced EMAs are returned as `return_low` / `return_high` for the
+        training step to store once the update is taken.
         """
         with torch.no_grad():
             value = self.value(feat)
             ret = lambda_return(reward, cont, value, self.config.lam)
-            self.retnorm.update(ret)
-            adv = (ret - value[:, :-1]) / self.retnorm.scale()
+            low_high = self.retnorm.advance(ret)
+            scale = self.retnorm.scale(low_high)
+            adv = (ret - value[:, :-1]) / scale
             weight = torch.cumprod(cont, 1)[:, :-1]
         dist = self.policy(feat[:, :-1])
         logp, entropy = dist.log_prob(action), dist.entropy()
@@ -80,7 +85,9 @@ class ActorCritic(L.LightningModule):
             "critic": critic,
             "policy_entropy": entropy.mean().detach(),
             "imag_return": ret.mean(),
-            "return_scale": self.retnorm.scale(),
+            "return_scale": scale,
+            "return_low": low_high[0],
+            "return_high": low_high[1],
             "advantage": adv.mean(),
         }
         return stats, ret
@@ -91,9 +98,7 @@ class ActorCritic(L.LightningModule):
         """"repval": the critic on the real (B, T) sequence, lambda-returns from real rewards and
         continues, bootstrapped from the imagined returns `boot`; its gradient reaches the world
         model through `feat`."""
-        with torch.no_grad():
-            ret = lambda_return(reward, cont, boot, self.config.lam, last=last)
-        weight = 1.0 - last[:, :-1].float()
+        ret, weight = replay_returns(reward, cont, boot, self.config.lam, last)
         return (weight * self._critic_loss(feat[:, :-1], ret)).mean()
 
     def update_slow_critic(self) -> None:

@@ -5,7 +5,9 @@ One update, read top to bottom in `losses` and `training_step`:
   2. imagination from every posterior state (B * T starts, horizon 15), no gradient;
   3. actor (REINFORCE) and critic losses on the imagined rollouts;
   4. replay-value loss: the critic on the real sequence, its gradient reaching the world model;
-  5. one backward over the sum, one LaProp step (AGC + warm-up inside), slow-critic/EMA updates.
+  5. one backward over the sum, one LaProp step (AGC + warm-up inside), then the state updates:
+     return normaliser, slow critic, the objective's EMA teachers. `losses` itself changes no
+     state but BatchNorm's running statistics in training mode.
 An update whose loss or gradients are not finite is skipped: nothing of the model or the optimiser
 changes (see `training_step`).
 """
@@ -22,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from wm.actor_critic import ActorCritic, ActorCriticConfig
 from wm.distributions import policy_mode
-from wm.objectives import Barlow, Objective
+from wm.objectives import DEFAULT_OBJECTIVE, Objective, make_objective
 from wm.optim import OptimizerConfig
 from wm.profiling import phase
 from wm.rssm import State
@@ -65,7 +67,8 @@ class Agent(L.LightningModule):
         observation_shapes: observation key -> shape; (H, W, C) images, (D,) vectors.
         action_dim: action dimensions (continuous) or number of actions (discrete).
         discrete: categorical policy over one-hot actions instead of a bounded normal.
-        objective: the representation objective; R2-Dreamer's Barlow Twins by default.
+        objective: the representation objective; `DEFAULT_OBJECTIVE` (R2-Dreamer's Barlow Twins)
+            when None.
         size: model size preset, size1M ... size200M.
         repval_scale: weight of the replay-value loss.
         max_consecutive_skips: consecutive updates with a non-finite loss or gradient that are
@@ -89,7 +92,7 @@ class Agent(L.LightningModule):
             raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         super().__init__()
         self.automatic_optimization = False
-        objective = objective if objective is not None else Barlow()
+        objective = objective if objective is not None else make_objective(DEFAULT_OBJECTIVE)
         world_model = world_model or WorldModelConfig()
         actor_critic = actor_critic or ActorCriticConfig()
         self.optimizer_config = optimizer or OptimizerConfig()
@@ -103,7 +106,9 @@ class Agent(L.LightningModule):
         )
         sizes = model_size(size)
         self.action_dim, self.discrete = action_dim, discrete
-        self.world_model = WorldModel(observation_shapes, action_dim, discrete, sizes, objective, world_model)
+        self.world_model = WorldModel(
+            observation_shapes, action_dim, discrete, sizes, objective, world_model, actor_critic.policy_unimix
+        )
         self.actor_critic = ActorCritic(sizes.feat_dim, action_dim, discrete, sizes, actor_critic)
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, in all (checkpointed)
         self.consecutive_skips = 0
@@ -148,8 +153,9 @@ class Agent(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict:
         """One update, or none when its loss or a gradient is not finite: then the gradients are
-        dropped, the buffers (BatchNorm statistics, return normaliser) restored and no optimiser
-        step, slow-critic or objective update made; the output says "skipped" and holds no latents."""
+        dropped, the buffers (BatchNorm statistics) restored and no optimiser step, return
+        normaliser, slow-critic or objective update made; the output says "skipped" and holds no
+        latents."""
         optimizer = self.optimizers()
         buffers = [b.clone() for b in self.buffers()]  # restored if the update is skipped
         total, metrics, posterior = self.losses(batch)
@@ -167,11 +173,15 @@ class Agent(L.LightningModule):
                 buffer.copy_(saved)
             return self.skip_update(total, metrics, [name for name, _ in named_grads], flags)
         self.consecutive_skips = 0
+        lr = optimizer.optimizer.current_lr(optimizer.param_groups[0])  # the rate this step uses
         with phase("optimizer"):
             optimizer.step()
+            # The return normaliser keeps the EMAs this update's advantages were scaled with.
+            low_high = torch.stack([metrics["actor_critic/return_low"], metrics["actor_critic/return_high"]])
+            self.actor_critic.retnorm.store_(low_high)
             self.actor_critic.update_slow_critic()
             self.world_model.objective.after_update()
-        metrics["optimizer/lr"] = torch.tensor(optimizer.optimizer.current_lr(optimizer.param_groups[0]))
+        metrics["optimizer/lr"] = torch.tensor(lr)
         metrics["skipped_updates"] = torch.tensor(float(self.skipped_updates))
         self.log_dict({f"train/{k}": v.detach() for k, v in metrics.items()})
         # The posterior latents go back to the replay buffer (replay context).

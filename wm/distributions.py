@@ -8,6 +8,10 @@ from torch.nn import functional as F
 
 from wm.nets import symexp
 
+# Uniform mix of discrete policies, shared by MuDreamer's action head (same family as the
+# policy). SPEC is silent; DreamerV3 uses 1%.
+POLICY_UNIMIX = 0.01
+
 
 def unimix_logits(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     """Log of (1 - unimix) * softmax(logits) + unimix / classes over the last dimension."""
@@ -15,14 +19,6 @@ def unimix_logits(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     if unimix:
         probs = (1.0 - unimix) * probs + unimix / probs.shape[-1]
     return torch.log(probs)
-
-
-def sample_onehot(logits: torch.Tensor) -> torch.Tensor:
-    """One-hot sample with straight-through gradients: sample + probs - sg(probs)."""
-    probs = F.softmax(logits, -1)
-    index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
-    onehot = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
-    return onehot + probs - probs.detach()
 
 
 def mode_onehot(logits: torch.Tensor) -> torch.Tensor:

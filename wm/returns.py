@@ -31,6 +31,19 @@ def lambda_return(
     return torch.stack(returns[:0:-1], 1)
 
 
+@torch.no_grad()
+def replay_returns(
+    reward: torch.Tensor, cont: torch.Tensor, boot: torch.Tensor, lam: float, last: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Value targets on a real replayed (B, T) sequence, which may cross episode boundaries.
+
+    Returns the lambda-returns (B, T - 1), cut where the sequence reaches an `is_last` step, and
+    their weights (B, T - 1): 0 at an `is_last` step itself, whose return would run into the next
+    episode. No gradient flows into either.
+    """
+    return lambda_return(reward, cont, boot, lam, last=last), 1.0 - last[:, :-1].float()
+
+
 class ReturnNormalizer(nn.Module):
     """Scale S = EMA of (P_hi - P_lo) of the returns; advantages are divided by max(limit, S).
 
@@ -46,14 +59,22 @@ class ReturnNormalizer(nn.Module):
         self.register_buffer("high", torch.zeros(()))
 
     @torch.no_grad()
-    def update(self, returns: torch.Tensor) -> None:
+    def advance(self, returns: torch.Tensor) -> torch.Tensor:
+        """(low, high) after one update with `returns`, without storing it: a loss may use the
+        advanced scale while the training step alone stores it (`store_`)."""
         values = returns.detach().float().flatten()
         q = torch.quantile(values, torch.tensor(self.quantiles, device=values.device))
-        self.low.lerp_(q[0], self.rate)
-        self.high.lerp_(q[1], self.rate)
+        return torch.stack([self.low, self.high]).lerp(q, self.rate)
 
-    def scale(self) -> torch.Tensor:
-        return torch.clamp(self.high - self.low, min=self.limit)
+    @torch.no_grad()
+    def store_(self, low_high: torch.Tensor) -> None:
+        self.low.copy_(low_high[0])
+        self.high.copy_(low_high[1])
+
+    def scale(self, low_high: torch.Tensor | None = None) -> torch.Tensor:
+        """max(limit, high - low) of the stored EMAs, or of an `advance` result."""
+        low, high = (self.low, self.high) if low_high is None else low_high.unbind()
+        return torch.clamp(high - low, min=self.limit)
 
 
 @torch.no_grad()

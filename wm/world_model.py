@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
-from wm.distributions import TwoHot, categorical_kl, continue_loss, symexp_bins
+from wm.distributions import POLICY_UNIMIX, TwoHot, categorical_kl, continue_loss, symexp_bins
 from wm.encoder import MultiEncoder
 from wm.nets import Head
 from wm.objectives import ModelDims, Objective, ObjectiveInputs
@@ -59,7 +59,9 @@ class WorldModel(L.LightningModule):
         size: ModelSize,
         objective: Objective,
         config: WorldModelConfig | None = None,
+        policy_unimix: float = POLICY_UNIMIX,
     ):
+        """`policy_unimix` is the actor's, for objectives that model actions like the policy."""
         super().__init__()
         self.config = config = config or WorldModelConfig()
         self.size = size
@@ -69,7 +71,7 @@ class WorldModel(L.LightningModule):
         self.reward = Head(size.feat_dim, len(self.two_hot.bins), size.units, 1, outscale=0.0)
         self.cont = Head(size.feat_dim, 1, size.units, 1)
         self.objective = objective
-        objective.build(ModelDims(size, dict(observation_shapes), self.encoder.out_dim, action_dim, discrete))
+        objective.build(ModelDims(size, dict(observation_shapes), self.encoder.out_dim, action_dim, discrete, policy_unimix))
         self.kl_dyn = objective.kl_dyn if objective.kl_dyn is not None else config.kl_dyn
         self.kl_rep = objective.kl_rep if objective.kl_rep is not None else config.kl_rep
 

@@ -11,6 +11,7 @@ from wm.objectives.none import NoObjective
 from wm.objectives.reconstruction import Reconstruction
 
 OBJECTIVES = {"barlow": Barlow, "reconstruction": Reconstruction, "mudreamer": MuDreamer, "none": NoObjective}
+DEFAULT_OBJECTIVE = "barlow"  # R2-Dreamer's; used when a config or an Agent names none
 
 
 def make_objective(name: str, **kwargs) -> Objective:
@@ -21,4 +22,4 @@ def make_objective(name: str, **kwargs) -> Objective:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}") from None
 
 
-__all__ = ["Barlow", "ModelDims", "MuDreamer", "NoObjective", "OBJECTIVES", "Objective", "ObjectiveInputs", "Reconstruction", "make_objective"]
+__all__ = ["Barlow", "DEFAULT_OBJECTIVE", "ModelDims", "MuDreamer", "NoObjective", "OBJECTIVES", "Objective", "ObjectiveInputs", "Reconstruction", "make_objective"]

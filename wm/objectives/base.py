@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from wm.augment import random_shift
+from wm.distributions import POLICY_UNIMIX
 from wm.rssm import State
 from wm.sizes import ModelSize
 
@@ -29,6 +30,7 @@ class ModelDims:
     embed_dim: int
     action_dim: int
     discrete: bool
+    policy_unimix: float = POLICY_UNIMIX  # the discrete policy's uniform mix
 
     @property
     def feat_dim(self) -> int:

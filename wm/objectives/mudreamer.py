@@ -5,23 +5,21 @@ from __future__ import annotations
 import torch
 
 from wm.decoder import MultiDecoder
-from wm.distributions import TwoHot, continuous_policy, discrete_policy, symexp_bins
+from wm.distributions import POLICY_UNIMIX, TwoHot, continuous_policy, discrete_policy, symexp_bins
 from wm.nets import Head
 from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
-from wm.returns import ema_update_, frozen_copy, lambda_return
+from wm.returns import ema_update_, frozen_copy, replay_returns
 
 
-def action_nll(raw: torch.Tensor, target: torch.Tensor, discrete: bool, unimix: float = 0.01) -> torch.Tensor:
+def action_nll(raw: torch.Tensor, target: torch.Tensor, discrete: bool, unimix: float = POLICY_UNIMIX) -> torch.Tensor:
     """Negative log-likelihood of `target` under the policy's distribution family.
 
-    Continuous: bounded normal (mean tanh(mu), std 0.9 sigmoid(x + 2) + 0.1), dims summed.
-    Discrete: categorical with `unimix` over one-hot targets.
+    Continuous: normal with mean tanh(mu), std 0.9 sigmoid(x + 2) + 0.1, dims summed; targets are
+    taken as they are (the buffer's actions were already clipped to [-1, 1] when acting, and the
+    normal gives any real target a finite likelihood). Discrete: categorical with `unimix` (the
+    policy's) over one-hot targets.
     """
     dist = discrete_policy(raw, unimix) if discrete else continuous_policy(raw)
-    if not discrete:
-        # The policy's samples are clipped to [-1, 1] before they reach the env and the buffer;
-        # keep targets strictly inside the support of the normal's mean.
-        target = target.clamp(-1.0, 1.0)
     return -dist.log_prob(target.float())
 
 
@@ -64,7 +62,7 @@ class MuDreamer(Objective):
 
     def build(self, dims: ModelDims) -> None:
         s = dims.size
-        self.discrete = dims.discrete
+        self.discrete, self.policy_unimix = dims.discrete, dims.policy_unimix
         self.scales = {}
         if self.value_head:
             self.two_hot = TwoHot(symexp_bins())
@@ -86,13 +84,12 @@ class MuDreamer(Objective):
             feat = post.feat
             with torch.no_grad():
                 boot = self.two_hot.decode(self.teacher(feat))
-                ret = lambda_return(inputs.reward, inputs.cont, boot, self.lam, last=inputs.is_last)
-            weight = 1.0 - inputs.is_last[:, :-1].float()
+            ret, weight = replay_returns(inputs.reward, inputs.cont, boot, self.lam, inputs.is_last)
             loss = self.two_hot.loss(self.value(feat[:, :-1]), ret)
             losses["value"] = (weight * loss).mean()
         if self.action_head:
             raw = self.inverse(torch.cat([inputs.embed, inputs.prev_feat], -1))
-            nll = action_nll(raw, inputs.action, self.discrete)
+            nll = action_nll(raw, inputs.action, self.discrete, self.policy_unimix)
             valid = 1.0 - inputs.is_first.float()
             losses["action"] = (valid * nll).sum() / valid.sum().clamp(min=1.0)
         if self.decoder:
