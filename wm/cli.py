@@ -177,8 +177,8 @@ class WMCLI(LightningCLI):
     def before_fit(self) -> None:
         """The full resolved config, as MLflow params and as a run artifact. MLflow params cannot
         change, so a resumed run keeps the first values and logs its own config beside them."""
-        config = self.config[self.subcommand]
-        text = self._parser(self.subcommand).dump(config, skip_none=False)
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))[self.subcommand]
+        text = yaml.safe_dump(resolved, sort_keys=False)
         logger = self.trainer.logger
         if rank_zero_only.rank != 0:  # other DDP ranks see a dummy experiment
             return
@@ -189,7 +189,7 @@ class WMCLI(LightningCLI):
         resumes = sum(k.startswith("resumed") for k in logged)
         name = f"config_resumed_{resumes}.yaml" if logged else "config.yaml"
         logger.experiment.log_text(logger.run_id, text, name)
-        params = {k: v for k, v in flatten(yaml.safe_load(text)).items() if k != "ckpt_path" and k not in logged}
+        params = {k: v for k, v in flatten(resolved).items() if k != "ckpt_path" and k not in logged}
         if logged:
             params[f"resumed{resumes}"] = name
         logger.log_hyperparams(params)
