@@ -66,9 +66,10 @@ def wait_for(condition, process: subprocess.Popen, root: Path, timeout: float = 
         time.sleep(poll)
 
 
-def writing(checkpoints: Path) -> bool:
-    """Whether a checkpoint, replay chunk or manifest is being written (its temporary file exists)."""
-    return checkpoints.exists() and any(".tmp-" in p.name for p in checkpoints.rglob(".*"))
+def writing(checkpoints: Path, pid: int) -> bool:
+    """Whether process `pid` is writing a checkpoint, replay chunk or manifest (its temporary file
+    exists; those of writers killed earlier are left out)."""
+    return checkpoints.exists() and any(p.name.endswith(f".tmp-{pid}") for p in checkpoints.rglob(".*"))
 
 
 def logged_frames(run_dir: Path) -> int:
@@ -96,12 +97,12 @@ def soak(tmp_path: Path, kills: int, total_steps: int, seed: int) -> None:
         if kill % 4 == 0:  # during start-up or prefill
             time.sleep(rng.uniform(1.0, 6.0))
         elif kill % 2:  # while a checkpoint or replay file is being written
-            wait_for(lambda: writing(checkpoints), process, tmp_path, timeout=300, poll=0.0005)
+            wait_for(lambda: writing(checkpoints, process.pid), process, tmp_path, timeout=300, poll=0.0005)
         else:  # at a random moment once this attempt has made progress (a new checkpoint), whatever the load
             previous = last.stat().st_mtime_ns if last.exists() else 0
             wait_for(lambda: last.exists() and last.stat().st_mtime_ns != previous, process, tmp_path, timeout=300)
             time.sleep(rng.uniform(0.0, 3.0))
-        hit_write = writing(checkpoints)
+        hit_write = writing(checkpoints, process.pid)
         process.send_signal(signal.SIGKILL)
         process.wait()
         during_write += hit_write
