@@ -1,7 +1,7 @@
 """The environment-interaction callback: collects the experience that the replay DataModule feeds.
 
 Random prefill first, then after every update as many environment steps as the train ratio asks
-(SPEC §1 "Data"), acting with the agent's policy. Episode returns, lengths and success are
+(docs/algorithm.md §1 "Data"), acting with the agent's policy. Episode returns, lengths and success are
 logged; counters live in `state_dict` so a resumed run continues its step count.
 """
 

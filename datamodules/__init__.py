@@ -1,4 +1,4 @@
-"""Replay of environment steps for the agent (SPEC §1 "Data"): the buffer (storage and sampling),
+"""Replay of environment steps for the agent (docs/algorithm.md §1 "Data"): the buffer (storage and sampling),
 its persistence (chunk files and manifests) and the Lightning DataModule."""
 
 from datamodules.replay import ReplayDataModule

@@ -1,4 +1,4 @@
-"""The replay buffer: FIFO storage of environment steps and uniform sequence sampling (SPEC §1 "Data").
+"""The replay buffer: FIFO storage of environment steps and uniform sequence sampling (docs/algorithm.md §1 "Data").
 
 Steps of `num_envs` parallel environment streams live in ring arrays of shape
 (capacity_per_env, num_envs, ...), written one vector-env step (one row) at a time, so every env

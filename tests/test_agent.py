@@ -266,7 +266,7 @@ def test_hparams_are_plain_data():
 
 
 def test_size12M_parameter_counts_match_reference():
-    """SPEC §1 reference counts (R2-Dreamer, 64x64x3 image, 6-dim action), within 2%."""
+    """docs/algorithm.md §1 reference counts (R2-Dreamer, 64x64x3 image, 6-dim action), within 2%."""
     reference = {"rssm": 5.98e6, "encoder": 0.22e6, "reward": 0.72e6, "continue": 0.66e6, "projector": 2.62e6,
                  "actor": 0.79e6, "critic": 0.85e6}
     counts = Agent(IMAGE, 6, objective=Barlow(), size="size12M").parameter_counts()

@@ -1,4 +1,4 @@
-"""DMC-Subtle: the five tasks run from pixels with their objects shrunk by the SPEC §3 factors."""
+"""DMC-Subtle: the five tasks run from pixels with their objects shrunk by the factors of docs/algorithm.md §3."""
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ FACTORS = {
 
 
 def _sizes(env, name):
-    """The sizes SPEC §3 shrinks, read from the env's compiled model."""
+    """The sizes docs/algorithm.md §3 shrinks, read from the env's compiled model."""
     model = env._env.physics.named.model
     return [getattr(model, field)[key] for field, key in SUBTLE_TASKS[name].sizes]
 

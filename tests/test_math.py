@@ -1,4 +1,4 @@
-"""Unit tests pinning the math of SPEC §1 and §2.
+"""Unit tests pinning the math of docs/algorithm.md §1 and §2.
 
 Every expected value is computed independently inside the test (numpy, float64, explicit loops
 or closed forms), never by calling the library's own code path a second time.
@@ -577,7 +577,7 @@ def test_action_nll_discrete():
 
 
 class _NumpyLaProp:
-    """Hand implementation of SPEC §1's LaProp + AGC + warm-up, float64.
+    """Hand implementation of the LaProp of docs/algorithm.md §1 + AGC + warm-up, float64.
 
     The library keeps its moments in float32 even for float64 parameters, hence rtol ~1e-7.
     """

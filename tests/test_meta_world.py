@@ -1,4 +1,4 @@
-"""Meta-World MT1 from pixels: the SPEC camera and flip, repeat 2, 500-frame episodes, success."""
+"""Meta-World MT1 from pixels: the camera of docs/algorithm.md §3 and flip, repeat 2, 500-frame episodes, success."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_fifty_tasks():
 
 
 def test_camera_moved_and_image_flipped():
-    """SPEC §3: camera `corner2` moved to [0.75, 0.075, 0.7], the image flipped vertically. The
+    """docs/algorithm.md §3: camera `corner2` moved to [0.75, 0.075, 0.7], the image flipped vertically. The
     observation is checked against a render of our own through that camera, flipped by hand."""
     env = MetaWorldEnv("door-open-v3")
     obs, _ = env.reset(seed=1)

@@ -1,4 +1,4 @@
-"""The actor-critic that learns behaviour inside the world model's imagination (SPEC §1)."""
+"""The actor-critic that learns behaviour inside the world model's imagination (docs/algorithm.md §1)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from wm.sizes import ModelSize
 
 @dataclass
 class ActorCriticConfig:
-    """Behaviour-learning settings of SPEC §1 (DreamerV3 2024 values)."""
+    """Behaviour-learning settings of docs/algorithm.md §1 (DreamerV3 2024 values)."""
 
     horizon: int = 15  # imagined steps (16 states with the start)
     lam: float = 0.95

@@ -1,4 +1,4 @@
-"""The agent: a world model and an actor-critic trained together by one optimiser (SPEC §1).
+"""The agent: a world model and an actor-critic trained together by one optimiser (docs/algorithm.md §1).
 
 One update, read top to bottom in `losses` and `training_step`:
   1. world-model loss on a replayed (B, T) batch, with the objective's terms;

@@ -1,4 +1,4 @@
-"""Observation decoder for the reconstruction objective (SPEC §1 "Decoder")."""
+"""Observation decoder for the reconstruction objective (docs/algorithm.md §1 "Decoder")."""
 
 from __future__ import annotations
 

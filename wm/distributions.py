@@ -1,4 +1,4 @@
-"""The output distributions of SPEC §1: categorical latents, two-hot, policies and continue flag."""
+"""The output distributions of docs/algorithm.md §1: categorical latents, two-hot, policies and continue flag."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from wm.nets import symexp
 
 # Uniform mix of discrete policies, shared by MuDreamer's action head (same family as the
-# policy). SPEC is silent; DreamerV3 uses 1%.
+# policy). R2-Dreamer does not state it; DreamerV3 uses 1%.
 POLICY_UNIMIX = 0.01
 
 
@@ -44,7 +44,7 @@ def symexp_bins(count: int = 255, limit: float = 20.0) -> torch.Tensor:
 
 
 class TwoHot:
-    """Two-hot distribution over fixed bins, for rewards and values (SPEC §1).
+    """Two-hot distribution over fixed bins, for rewards and values (docs/algorithm.md §1).
 
     A target is split between its two nearest bins so that the weighted sum of the bins is the
     target itself; the prediction is the expected bin under softmax(logits).

@@ -1,4 +1,4 @@
-"""Observation encoder (SPEC §1 "Encoder").
+"""Observation encoder (docs/algorithm.md §1 "Encoder").
 
 Observations are dicts: keys with (H, W, C) uint8 shapes are images for the conv encoder, keys
 with (D,) shapes are vectors for an MLP on symlog inputs; the embedding concatenates both.

@@ -1,4 +1,4 @@
-"""Building blocks shared by every network of the agent (SPEC §1 "Networks").
+"""Building blocks shared by every network of the agent (docs/algorithm.md §1 "Networks").
 
 RMSNorm after every hidden layer, SiLU activations and DreamerV3's truncated-normal fan-in
 initialisation. Layers take channels-last tensors with any number of leading dimensions, so
@@ -113,7 +113,7 @@ class Conv2d(nn.Conv2d):
 class ChannelNorm(nn.Module):
     """Normalisation over the channels of an NCHW map: RMSNorm per pixel, or BatchNorm2d.
 
-    BatchNorm is MuDreamer's switch against representation collapse (SPEC §2).
+    BatchNorm is MuDreamer's switch against representation collapse (docs/algorithm.md §2).
     """
 
     def __init__(self, channels: int, kind: str = "rms"):

@@ -1,4 +1,4 @@
-"""LaProp with adaptive gradient clipping and linear warm-up: the single optimiser of SPEC §1."""
+"""LaProp with adaptive gradient clipping and linear warm-up: the single optimiser of docs/algorithm.md §1."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class LaProp(torch.optim.Optimizer):
 
 @dataclass
 class OptimizerConfig:
-    """SPEC §1 optimiser: LaProp, lr 4e-5, 1000 warm-up updates, AGC 0.3 with pmin 1e-3."""
+    """docs/algorithm.md §1 optimiser: LaProp, lr 4e-5, 1000 warm-up updates, AGC 0.3 with pmin 1e-3."""
 
     lr: float = 4e-5
     beta1: float = 0.9

@@ -1,4 +1,4 @@
-"""Returns, their normalisation and slow (EMA) copies of networks (SPEC §1 "Losses and training")."""
+"""Returns, their normalisation and slow (EMA) copies of networks (docs/algorithm.md §1 "Losses and training")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Recurrent state-space model with a block-diagonal GRU (SPEC §1 "RSSM")."""
+"""Recurrent state-space model with a block-diagonal GRU (docs/algorithm.md §1 "RSSM")."""
 
 from __future__ import annotations
 

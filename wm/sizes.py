@@ -1,4 +1,4 @@
-"""Model size presets of SPEC §1 (stoch = 32 categorical latents, GRU split into 8 blocks)."""
+"""Model size presets of docs/algorithm.md §1 (stoch = 32 categorical latents, GRU split into 8 blocks)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from wm.sizes import ModelSize
 
 @dataclass
 class WorldModelConfig:
-    """Loss weights of SPEC §1 (DreamerV3 2024 values). An objective may replace the KL weights."""
+    """Loss weights of docs/algorithm.md §1 (DreamerV3 2024 values). An objective may replace the KL weights."""
 
     kl_dyn: float = 1.0
     kl_rep: float = 0.1
@@ -85,7 +85,7 @@ class WorldModel(L.LightningModule):
         return torch.sigmoid(self.cont(feat).squeeze(-1).float())
 
     def loss(self, batch: Mapping[str, torch.Tensor], initial: State | None = None) -> WorldModelOutput:
-        """World-model loss of SPEC §1 on a batch of (B, T) tensors.
+        """World-model loss of docs/algorithm.md §1 on a batch of (B, T) tensors.
 
         The batch holds the observation keys, `action` (B, T, A) aligned so that action[t] led to
         observation t, `reward`, `is_first`, `is_last` and `is_terminal`. `initial` is the latent

@@ -1,4 +1,4 @@
-"""Atari 100k from pixels (SPEC §3): repeat 4 with a max over the last two frames, up to 30 no-ops
+"""Atari 100k from pixels (docs/algorithm.md §3): repeat 4 with a max over the last two frames, up to 30 no-ops
 at reset, no sticky actions, the minimal action set, 64x64 RGB; losing a life is not terminal."""
 
 from __future__ import annotations

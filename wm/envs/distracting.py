@@ -1,4 +1,4 @@
-"""DMC with natural video backgrounds (SPEC §3; MuDreamer, after DBC): every pixel of the rendered
+"""DMC with natural video backgrounds (docs/algorithm.md §3; MuDreamer, after DBC): every pixel of the rendered
 frame where blue > green and blue > red (the suite's sky and floor) shows a video frame instead, so
 the agent must learn to ignore a busy, moving, task-irrelevant background.
 

@@ -1,4 +1,4 @@
-"""DeepMind Control Suite from pixels as gymnasium envs (SPEC §3: 64x64, camera 0, 2 for quadruped,
+"""DeepMind Control Suite from pixels as gymnasium envs (docs/algorithm.md §3: 64x64, camera 0, 2 for quadruped,
 1000-step episodes, never terminal). dm_control is imported lazily so the toy tasks work without OpenGL."""
 
 from __future__ import annotations

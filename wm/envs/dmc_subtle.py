@@ -1,4 +1,4 @@
-"""DMC-Subtle (R2-Dreamer, SPEC §3): five suite tasks whose task-critical object is shrunk, so that
+"""DMC-Subtle (R2-Dreamer, docs/algorithm.md §3): five suite tasks whose task-critical object is shrunk, so that
 it covers only a few pixels at 64x64 and a pixel-reconstruction objective can afford to ignore it.
 
 The compiled model is edited after `suite.load`: only the rendered and reward-relevant sizes change;

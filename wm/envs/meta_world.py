@@ -1,4 +1,4 @@
-"""Meta-World MT1 from pixels (SPEC §3): camera `corner2` moved to [0.75, 0.075, 0.7], image
+"""Meta-World MT1 from pixels (docs/algorithm.md §3): camera `corner2` moved to [0.75, 0.075, 0.7], image
 flipped vertically (MuJoCo renders it upside down), action repeat 2, 500-frame episodes, and
 success = success at any step of the episode."""
 

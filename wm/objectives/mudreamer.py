@@ -24,7 +24,7 @@ def action_nll(raw: torch.Tensor, target: torch.Tensor, discrete: bool, unimix: 
 
 
 class MuDreamer(Objective):
-    """MuDreamer's representation objective (SPEC §2).
+    """MuDreamer's representation objective (docs/algorithm.md §2).
 
     - value head: predicts the lambda-return of the replayed sequence, computed from the real
       rewards and continues and bootstrapped from an EMA teacher of the head (two-hot
