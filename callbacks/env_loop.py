@@ -34,6 +34,30 @@ class EnvSpec:
     discrete: bool
 
 
+class EpisodeStats:
+    """Return, length and success of each env's running episode, under NEXT_STEP autoreset (the
+    step after an episode's end only resets, so its reward is not the episode's)."""
+
+    def __init__(self, num_envs: int):
+        self.total, self.length, self.success = np.zeros(num_envs), np.zeros(num_envs, int), np.zeros(num_envs, bool)
+
+    def step(self, reward, first, done, info) -> list[tuple[int, tuple[float, int, bool] | None]]:
+        """Add one vector step; returns (env, (return, length, success)) for each episode that
+        ended with it, with None for one a restart of its worker cut short (no real episode)."""
+        live = ~first
+        self.total += np.where(live, reward, 0.0)
+        self.length += live
+        if "success" in info:
+            self.success |= np.asarray(info["success"], bool) & live
+        restarted = np.broadcast_to(np.asarray(info.get("restarted", False), bool), live.shape)
+        ended = []
+        for i in np.flatnonzero(done & live):
+            episode = (float(self.total[i]), int(self.length[i]), bool(self.success[i]))
+            ended.append((int(i), None if restarted[i] else episode))
+            self.total[i], self.length[i], self.success[i] = 0.0, 0, False
+        return ended
+
+
 def env_spec(env: gym.Env) -> EnvSpec:
     obs_space, act_space = env.observation_space, env.action_space
     shapes = {k: tuple(int(d) for d in space.shape) for k, space in obs_space.spaces.items()}
@@ -100,8 +124,8 @@ class EnvLoop(L.Callback):
         self.last_eval_at = -1  # env frames at the last evaluation
 
     # --------------------------------------------------------------------------- plumbing
-    def _make_env(self, seed: int | None, split: str = "train") -> gym.Env:
-        return make_env(self.task, self.action_repeat, self.time_limit, seed=seed, video_dir=self.video_dir, split=split)
+    def _make_env(self, seed: int | None) -> gym.Env:
+        return make_env(self.task, self.action_repeat, self.time_limit, seed=seed, video_dir=self.video_dir)
 
     def state_dict(self) -> dict:
         return {
@@ -168,9 +192,7 @@ class EnvLoop(L.Callback):
         self.is_first = np.ones(self.num_envs, bool)
         self.done = np.zeros(self.num_envs, bool)
         self.act_state = None
-        self.episode_return = np.zeros(self.num_envs)
-        self.episode_length = np.zeros(self.num_envs, int)
-        self.episode_success = np.zeros(self.num_envs, bool)
+        self.current = EpisodeStats(self.num_envs)  # the episodes under way
         self.finished: list[tuple[float, int, bool]] = []
         self.buffer = trainer.datamodule.buffer
         if self.restored is not None:
@@ -240,23 +262,16 @@ class EnvLoop(L.Callback):
         """One step of every env; NEXT_STEP autoreset: the step after an episode's last one
         returns the next episode's first observation and ignores the action."""
         action = self._random_action() if random else self._policy_action(pl_module)
-        restarts = list(self.envs.slot_restarts)
         self.obs, reward, terminated, truncated, info = self.envs.step(self._to_env(action))
         self.is_first = self.done
         self.done = terminated | truncated
         self._add(action, reward, terminated, self.done)
         self.env_steps += self.num_envs * self.action_repeat
-        live = ~self.is_first
-        self.episode_return += np.where(live, reward, 0.0)
-        self.episode_length += live
-        if "success" in info:
-            self.episode_success |= np.asarray(info["success"], bool) & live
-        for i in np.flatnonzero(self.done):
+        for _, episode in self.current.step(reward, self.is_first, self.done, info):
             self.episodes += 1
-            if self.envs.slot_restarts[i] == restarts[i]:  # not cut short by a restart of its worker
-                self.last_return = float(self.episode_return[i])
-                self.finished.append((self.last_return, int(self.episode_length[i]), bool(self.episode_success[i])))
-            self.episode_return[i], self.episode_length[i], self.episode_success[i] = 0.0, 0, False
+            if episode is not None:
+                self.last_return = episode[0]
+                self.finished.append(episode)
 
     def _add(self, action, reward, terminated, last) -> None:
         """One row of the buffer, which zeroes the action and reward of `is_first` rows."""
@@ -288,7 +303,7 @@ class EnvLoop(L.Callback):
         first, done, state = np.ones(n, bool), np.zeros(n, bool), None
         running = np.arange(n) < self.eval_episodes  # whether env i's current episode counts
         started = int(running.sum())
-        total, length, success = np.zeros(n), np.zeros(n, int), np.zeros(n, bool)
+        stats = EpisodeStats(n)
         episodes, frames, recording = [], [], True  # (return, length, success); env 0's first episode
         while len(episodes) < self.eval_episodes:
             if interrupt_signal(trainer) is not None:
@@ -296,23 +311,18 @@ class EnvLoop(L.Callback):
             if recording and "image" in obs:
                 frames.append(obs["image"][0])
             action, state = self._act(pl_module, obs, first, state, "greedy")
-            restarts = envs.slot_restarts.copy()
             obs, reward, terminated, truncated, info = envs.step(self._to_env(action))
             first, done = done, terminated | truncated  # NEXT_STEP: the step after an end resets
             for i in np.flatnonzero(first):
-                total[i], length[i], success[i] = 0.0, 0, False
                 running[i] = started < self.eval_episodes
                 started += running[i]
-            live = running & ~first
-            total += np.where(live, reward, 0.0)
-            length += live
-            if "success" in info:
-                success |= np.asarray(info["success"], bool) & live
-            for i in np.flatnonzero(done & live):
-                if envs.slot_restarts[i] == restarts[i]:
-                    episodes.append((float(total[i]), int(length[i]), bool(success[i])))
-                else:  # cut short by a restart of its worker: run it again
+            for i, episode in stats.step(reward, first, done, info):
+                if not running[i]:
+                    continue
+                if episode is None:  # cut short by a restart of its worker: run it again
                     started -= 1
+                else:
+                    episodes.append(episode)
                 recording &= i != 0
                 running[i] = False
         returns, lengths, successes = map(np.asarray, zip(*episodes))

@@ -145,7 +145,7 @@ def test_rows_follow_the_episode_ends_of_each_env(agent):
         assert loop.finished == expected_episodes()
         assert loop.episodes == len(loop.finished) == 8
         assert loop.last_return == expected_episodes()[-1][0]
-        assert list(loop.episode_length) == [1, 0]  # env 0: one frame into an episode; env 1 just ended one
+        assert list(loop.current.length) == [1, 0]  # env 0: one frame into an episode; env 1 just ended one
     finally:
         loop.close()
 

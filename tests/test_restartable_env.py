@@ -100,7 +100,7 @@ def test_killed_worker_is_replaced():
             os.kill(pid, signal.SIGKILL)
         previous = obs
         actions = envs.action_space.sample()
-        (obs, reward, terminated, truncated, _), rows = _step_checked(envs, actions, rows)
+        (obs, reward, terminated, truncated, info), rows = _step_checked(envs, actions, rows)
         if reference_done:
             expected, reference_done = reference.reset()[0], False
         else:
@@ -110,6 +110,7 @@ def test_killed_worker_is_replaced():
         if t == 2:  # the killed env's episode ends, truncated, on its last observation
             np.testing.assert_array_equal(obs["image"][1], previous["image"][1])
             assert reward[1] == 0 and not terminated[1] and truncated[1]
+            assert info["restarted"].tolist() == [False, True], "marked, so it is no real episode end"
         if t == 3:  # then a new episode starts
             assert _ball_rows(obs)[1] == 0 and not truncated[1]
     assert envs.restarts == 1 and envs.slot_restarts == [0, 1]

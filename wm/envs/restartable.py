@@ -74,7 +74,8 @@ class RestartingVectorEnv(gym.vector.VectorEnv):
     `timeout` seconds of being awaited), its slot is killed and rebuilt from the same factory, then
     reset with seed_i + RESTART_SEED_STRIDE x (restarts of env i), where seed_i is seed + i of the
     last seeded reset (or of `seed`). That step returns for env i its previous observation, reward
-    0 and truncated, ending its unfinished episode in the replay buffer; the next step returns the
+    0, truncated and info "restarted", ending its unfinished episode in the replay buffer (callers
+    leave it out of episode statistics); the next step returns the
     new episode's first observation, as after any episode end. A failed reset returns the rebuilt
     env's first observation at once. After `max_consecutive_failures` failures of one env without
     a successful step in between, EnvWorkerError names the task (`name`), the env and its error.
@@ -144,7 +145,7 @@ class RestartingVectorEnv(gym.vector.VectorEnv):
         if i in errors:
             self.pending[i] = self._restart(i, errors[i])
             if not self.ended[i]:  # its episode ends here; the new one starts on the next step
-                return self.observations[i], 0.0, False, True, {}
+                return self.observations[i], 0.0, False, True, {"restarted": True}
         observation, info = self.pending[i]  # the new episode starts; the action is ignored
         self.pending[i] = None
         return observation, 0.0, False, False, info
