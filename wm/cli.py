@@ -106,9 +106,7 @@ class WMCLI(LightningCLI):
             config.ckpt_path = str(last) if last.exists() else None
             if not last.exists():
                 rank_zero_warn(f"--ckpt_path last: {last} does not exist yet; starting {self.run_dir()} from the beginning")
-        if config.ckpt_path:
-            read_checkpoint(Path(config.ckpt_path))
-        elif checkpoints.exists() and any(checkpoints.glob("*.ckpt")):
+        if not config.ckpt_path and checkpoints.exists() and any(checkpoints.glob("*.ckpt")):
             raise FileExistsError(
                 f"run folder {self.run_dir()} already holds checkpoints; resume it with --ckpt_path last, "
                 "or start a new run with another --run.name (nothing was changed)"
@@ -130,17 +128,12 @@ class WMCLI(LightningCLI):
         expected = buffer_config(data.capacity, env.num_envs, env.spec.observation_shapes, env.spec.action_dim,
                                  (size.deter, size.stoch, size.classes))
         replay = self.run_dir() / "checkpoints" / "replay"
-        for rank in range(self.world_size()):
+        for rank_dir in sorted({replay / "rank0", *replay.glob("rank*")}):  # every rank that saved one
             try:
-                ReplayStore(replay / f"rank{rank}").verify(reference["manifest"], expected)
+                ReplayStore(rank_dir).verify(reference["manifest"], expected)
             except ReplayFileError as e:
                 raise CheckpointError(f"{e}. Nothing was changed: resume from another checkpoint in {path.parent}, "
                                       "or start a new run with another --run.name.") from None
-
-    def world_size(self) -> int:
-        trainer = self.config[self.subcommand].trainer
-        devices = trainer.devices if isinstance(trainer.devices, int) else len(trainer.devices or [0])
-        return max(1, devices) * max(1, int(trainer.num_nodes or 1))
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand]
