@@ -1,5 +1,12 @@
 """The replay DataModule: endless (B, T) batches from the replay buffer, latents written back
-after each update, and the buffer saved and restored with the checkpoints."""
+after each update, and the buffer saved and restored with the checkpoints.
+
+Where the buffer lives (`storage`): training on CUDA, on the model's device by default, so
+sampling gathers each batch on the device (no host-to-device copy of batches) and the latents are
+written back there, with no host sync; with the buffer on the CPU and the model on CUDA, batches
+are gathered into pinned memory and copied with non_blocking=True. On a CPU-only machine the
+buffer is on the CPU and nothing is copied.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +17,50 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.replay_buffer import ReplayBuffer, ReplayFileError, buffer_config
+from datamodules.replay_buffer import ReplayBuffer, ReplayFileError, buffer_config, buffer_nbytes
 from datamodules.replay_store import ReplayStore
+from wm.profiling import phase
+
+STORAGE = ("auto", "cpu", "cuda")
+# storage=auto keeps the buffer on the model's CUDA device when it takes at most this share of the
+# device's free memory (the rest is for training); otherwise in (pinned-batch) CPU memory.
+DEVICE_MEMORY_SHARE = 0.5
+
+
+def resolve_storage(
+    storage: str,
+    model_device: torch.device | str | None,
+    memory_mapped: bool = False,
+    nbytes: int = 0,
+    free_bytes: int | None = None,
+) -> torch.device:
+    """Where the replay arrays live.
+
+    Args:
+        storage: "auto", "cpu" or "cuda" (`ReplayDataModule`'s option).
+        model_device: the device the model trains on (the trainer's root device); None: no trainer.
+        memory_mapped: the buffer is kept in memory-mapped files (always on the CPU).
+        nbytes: bytes the buffer's arrays take.
+        free_bytes: free memory of `model_device` when it is a CUDA device; None: not known.
+
+    auto is the model's CUDA device if the model trains on CUDA, the buffer is not memory-mapped
+    and it takes at most DEVICE_MEMORY_SHARE of the free device memory; the CPU otherwise. cuda
+    is the model's CUDA device, or the current one when the model is elsewhere.
+    """
+    if storage not in STORAGE:
+        raise ValueError(f"storage must be one of {', '.join(STORAGE)}, got {storage!r}")
+    model_device = torch.device(model_device) if model_device is not None else None
+    on_cuda = model_device is not None and model_device.type == "cuda"
+    if storage == "cuda":
+        return model_device if on_cuda else torch.device("cuda")
+    if storage == "cpu" or not on_cuda or memory_mapped:
+        return torch.device("cpu")
+    if free_bytes is not None and nbytes > DEVICE_MEMORY_SHARE * free_bytes:
+        return torch.device("cpu")
+    return model_device
 
 
 class ReplaySequences(IterableDataset):
@@ -34,7 +81,8 @@ class ReplaySequences(IterableDataset):
         dm = self.datamodule
         while True:
             state = dm.generator.get_state()
-            batch, index = dm.buffer_or_raise().sample(dm.batch_size, dm.sequence_length, dm.generator)
+            with phase("replay"):
+                batch, index = dm.buffer_or_raise().sample(dm.batch_size, dm.sequence_length, dm.generator, dm.pin_memory)
             self.serial += 1
             self.unsettled.append((self.serial, state))
             yield {**batch, "replay_index": index._replace(serial=self.serial)}
@@ -54,8 +102,14 @@ class ReplayDataModule(L.LightningDataModule):
         batch_size: sequences per batch (B).
         sequence_length: steps per sequence (T).
         capacity: replay capacity in steps, all envs together.
-        storage: "cpu" or "cuda", where the buffer lives.
-        memmap_dir: keep the buffer in memory-mapped files in this directory (CPU only).
+        storage: where the buffer lives: "auto" (default): on the trainer's accelerator device
+            when it is a CUDA device and the buffer takes at most half of its free memory (so
+            batches are sampled on the device, and latents written back there, with no copy
+            and no host sync), else on the CPU; "cpu"; "cuda": on the trainer's CUDA device. A
+            buffer on the CPU for a model on CUDA gives batches in pinned memory, copied to the
+            device with non_blocking=True. On a CPU-only machine auto is the CPU.
+        memmap_dir: keep the buffer in memory-mapped files in this directory (CPU only; auto
+            then keeps it on the CPU).
         seed: sampling seed; the global rank is added under a trainer.
     """
 
@@ -64,13 +118,13 @@ class ReplayDataModule(L.LightningDataModule):
         batch_size: int = 16,
         sequence_length: int = 64,
         capacity: int = 1_000_000,
-        storage: str = "cpu",
+        storage: str = "auto",
         memmap_dir: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
-        if storage not in ("cpu", "cuda"):
-            raise ValueError(f"storage must be 'cpu' or 'cuda', got {storage!r}")
+        if storage not in STORAGE:
+            raise ValueError(f"storage must be one of {', '.join(STORAGE)}, got {storage!r}")
         self.save_hyperparameters()
         self.batch_size, self.sequence_length = batch_size, sequence_length
         self.buffer: ReplayBuffer | None = None
@@ -78,6 +132,7 @@ class ReplayDataModule(L.LightningDataModule):
         self.store: ReplayStore | None = None  # the store of the folder last saved to or loaded from
         self.generator = torch.Generator().manual_seed(seed)
         self._rank_seeded = False
+        self.pin_memory = False  # batches gathered into pinned memory: a CPU buffer for a CUDA model
 
     def create_buffer(
         self,
@@ -93,7 +148,18 @@ class ReplayDataModule(L.LightningDataModule):
             if config != self.buffer.config:
                 raise ValueError(f"replay buffer already created with {self.buffer.config}, not {config}")
             return self.buffer
-        self.buffer = ReplayBuffer(hp.capacity, num_envs, observation_shapes, action_dim, latent_shape, hp.storage, hp.memmap_dir)
+        model_device = self.trainer.strategy.root_device if self.trainer is not None else None
+        config = buffer_config(hp.capacity, num_envs, observation_shapes, action_dim, latent_shape)
+        nbytes = buffer_nbytes(config)
+        free = None
+        if hp.storage == "auto" and model_device is not None and model_device.type == "cuda":
+            free = torch.cuda.mem_get_info(model_device)[0]
+        device = resolve_storage(hp.storage, model_device, hp.memmap_dir is not None, nbytes, free)
+        if hp.storage == "auto" and free is not None and device.type == "cpu" and hp.memmap_dir is None:
+            rank_zero_info(f"Replay buffer kept in CPU memory: its {nbytes / 2**30:.1f} GiB are more than "
+                           f"{DEVICE_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free on {model_device}.")
+        self.pin_memory = device.type == "cpu" and model_device is not None and model_device.type == "cuda"
+        self.buffer = ReplayBuffer(hp.capacity, num_envs, observation_shapes, action_dim, latent_shape, device, hp.memmap_dir)
         return self.buffer
 
     def buffer_or_raise(self) -> ReplayBuffer:
@@ -111,12 +177,23 @@ class ReplayDataModule(L.LightningDataModule):
         self.sequences = ReplaySequences(self)
         return DataLoader(self.sequences, batch_size=None, num_workers=0)
 
+    def transfer_batch_to_device(self, batch: Mapping[str, Any], device: torch.device, dataloader_idx: int) -> dict:
+        """The batch's tensors to the model's device (nothing to do for a buffer already there;
+        non-blocking from pinned memory for a CPU buffer); `replay_index` stays on the buffer's
+        device, where the latents are written back."""
+        with phase("replay"):
+            moved = {k: v.to(device, non_blocking=device.type == "cuda") for k, v in batch.items() if k != "replay_index"}
+        return {**moved, "replay_index": batch["replay_index"]}
+
     def write_back(self, batch: Mapping[str, Any], outputs: Mapping[str, torch.Tensor]) -> None:
         """Store the posteriors of training_step's `outputs` (keys deter, stoch) at the rows of
-        the batch they were computed from. A skipped update returns none: nothing is written."""
+        the batch they were computed from, by its `replay_index`, with no host sync (see
+        `ReplayBuffer.write_latents`). Where `outputs["taken"]` is false (a skipped update),
+        nothing is written; outputs without latents write nothing either."""
         index = batch["replay_index"]
         if "deter" in outputs:
-            self.buffer_or_raise().write_latents(index, outputs["deter"], outputs["stoch"])
+            with phase("replay"):
+                self.buffer_or_raise().write_latents(index, outputs["deter"], outputs["stoch"], outputs.get("taken"))
         if self.sequences is not None:
             self.sequences.settle(int(index.serial))
 
