@@ -3,6 +3,10 @@
 Random prefill first, then after every update as many environment steps as the train ratio asks
 (docs/algorithm.md §1 "Data"), acting with the agent's policy. Episode returns, lengths and success are
 logged; counters live in `state_dict` so a resumed run continues its step count.
+
+Its phases are timed for `python -m wm.bench fit` (wm.profiling.phase, free unless a benchmark
+records): "env" (stepping the envs and storing the steps), "act" (the policy's actions for the
+envs), "eval" (evaluations during training) and "logging".
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from callbacks.interrupt import interrupt_signal
 from datamodules.replay_store import new_save_id
 from wm.envs import make_env, make_vector_env
 from wm.logger import EnvStepMLFlowLogger
+from wm.profiling import phase
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,8 @@ class EnvLoop(L.Callback):
         total_steps: stop training after this many environment frames (agent steps x repeat).
         prefill: environment frames collected with random actions before the first update.
         train_ratio: replayed steps per agent step; each update consumes B x T replayed steps,
-            so one update is followed by B * T / train_ratio agent steps.
+            so one update is followed by B * T / train_ratio agent steps, whatever num_envs
+            (the envs step together, once every num_envs * train_ratio / (B * T) updates).
         eval_every: environment frames between greedy evaluations (0: only at the end).
         eval_episodes: episodes per evaluation.
         seed: environment seed; rank r of a multi-process run uses seed + 1000 r.
@@ -122,6 +128,8 @@ class EnvLoop(L.Callback):
         self.restored: dict | None = None  # counters and RNG states of the checkpoint resumed from
         self.restored_replay: dict | None = None  # the replay that checkpoint covers
         self.last_eval_at = -1  # env frames at the last evaluation
+        # Whether on_train_end evaluates; the fit benchmark, which stops a run early, turns it off.
+        self.final_eval = True
 
     # --------------------------------------------------------------------------- plumbing
     def _make_env(self, seed: int | None) -> gym.Env:
@@ -215,15 +223,19 @@ class EnvLoop(L.Callback):
         while self.replay_credit >= vector_step:
             self.step(pl_module)
             self.replay_credit -= vector_step
-        if self.eval_every and self.env_steps >= self.next_eval and self.evaluate(trainer, pl_module) is not None:
-            self.next_eval += self.eval_every
-        self._log(trainer, pl_module)
+        if self.eval_every and self.env_steps >= self.next_eval:
+            with phase("eval"):
+                evaluated = self.evaluate(trainer, pl_module) is not None
+            if evaluated:
+                self.next_eval += self.eval_every
+        with phase("logging"):
+            self._log(trainer, pl_module)
         if self.env_steps >= self.total_steps:
             trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The final evaluation, unless the last one was at this very step or the fit was interrupted.
-        if self.eval_episodes and self.last_eval_at != self.env_steps and interrupt_signal(trainer) is None:
+        if self.final_eval and self.eval_episodes and self.last_eval_at != self.env_steps and interrupt_signal(trainer) is None:
             self.evaluate(trainer, pl_module)
         self.close()
 
@@ -255,23 +267,25 @@ class EnvLoop(L.Callback):
         return action.float().cpu().numpy(), state
 
     def _policy_action(self, pl_module) -> np.ndarray:
-        action, self.act_state = self._act(pl_module, self.obs, self.is_first, self.act_state, "sample")
+        with phase("act"):
+            action, self.act_state = self._act(pl_module, self.obs, self.is_first, self.act_state, "sample")
         return action
 
     def step(self, pl_module: L.LightningModule, random: bool = False) -> None:
         """One step of every env; NEXT_STEP autoreset: the step after an episode's last one
         returns the next episode's first observation and ignores the action."""
         action = self._random_action() if random else self._policy_action(pl_module)
-        self.obs, reward, terminated, truncated, info = self.envs.step(self._to_env(action))
-        self.is_first = self.done
-        self.done = terminated | truncated
-        self._add(action, reward, terminated, self.done)
-        self.env_steps += self.num_envs * self.action_repeat
-        for _, episode in self.current.step(reward, self.is_first, self.done, info):
-            self.episodes += 1
-            if episode is not None:
-                self.last_return = episode[0]
-                self.finished.append(episode)
+        with phase("env"):
+            self.obs, reward, terminated, truncated, info = self.envs.step(self._to_env(action))
+            self.is_first = self.done
+            self.done = terminated | truncated
+            self._add(action, reward, terminated, self.done)
+            self.env_steps += self.num_envs * self.action_repeat
+            for _, episode in self.current.step(reward, self.is_first, self.done, info):
+                self.episodes += 1
+                if episode is not None:
+                    self.last_return = episode[0]
+                    self.finished.append(episode)
 
     def _add(self, action, reward, terminated, last) -> None:
         """One row of the buffer, which zeroes the action and reward of `is_first` rows."""

@@ -10,20 +10,25 @@ is a real size1M Agent.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from gymnasium import spaces
 
 from callbacks.env_loop import EnvLoop
+from wm.cli import WMCLI
+from wm.cli import main as cli_main
 from datamodules import ReplayDataModule
 from wm.agent import ActState, Agent
 from wm.envs.base import PixelEnv
 from wm.envs.toy import TOY_TASKS
 from wm.objectives import Barlow
 
+REPO = Path(__file__).resolve().parents[1]
 SEED = 7  # EnvLoop seed: env i is reset with SEED + i
 LIMIT = 4  # frames: the time limit the factory gives the scripted task at action repeat 1
 # Per env, its episodes in turn: terminated after that many frames, or None: truncated by the time limit.
@@ -200,3 +205,47 @@ def test_agent_steps_per_update_follow_the_train_ratio(agent, num_envs, train_ra
         assert not trainer.should_stop
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("num_envs", [1, 4, 16])
+def test_updates_per_env_frame_do_not_depend_on_num_envs(num_envs):
+    """The DMC settings (B=16, T=64, train ratio 512, action repeat 2): every update pays for
+    B x T / 512 = 2 agent steps, 4 frames, with 1, 4 or 16 envs. The envs step together, so
+    16 of them step once every 8 updates; what is owed stays under one vector step."""
+    loop = EnvLoop("toy-scripted", num_envs=num_envs, action_repeat=2, train_ratio=512.0, eval_every=0, eval_episodes=0)
+
+    def vector_step(pl_module):  # what EnvLoop.step counts, without the envs
+        loop.env_steps += loop.num_envs * loop.action_repeat
+
+    loop.step, loop._log = vector_step, lambda trainer, pl_module: None
+    dm = SimpleNamespace(batch_size=16, sequence_length=64, write_back=lambda batch, outputs: None)
+    trainer = SimpleNamespace(datamodule=dm, should_stop=False)
+    for update in range(1, 65):
+        loop.on_train_batch_end(trainer, None, {}, {}, update - 1)
+        owed = 4 * update - loop.env_steps  # frames the updates so far have paid for, not yet collected
+        assert 0 <= owed < 2 * num_envs, (update, loop.env_steps)
+    assert loop.env_steps == 4 * 64, "64 updates: 256 frames, whatever num_envs"
+
+
+class Validated(Exception):
+    """Raised where the CLI would start instantiating: every config check has passed."""
+
+
+class CheckOnlyCLI(WMCLI):
+    def instantiate_classes(self) -> None:
+        raise Validated
+
+
+@pytest.mark.parametrize("config", ["dmc", "dmc_subtle", "dmc_distracting", "metaworld", "atari100k"])
+def test_shipped_configs_pass_the_checks_with_their_env_counts(config, tmp_path, capsys):
+    """16 env workers for DMC and Meta-World (R2-Dreamer), one env for Atari 100k; the real CLI
+    prints them and its checks (prefill, capacity per env stream, ...) accept them."""
+    path = str(REPO / "configs" / f"{config}.yaml")
+    with pytest.raises(SystemExit) as printed:
+        cli_main(["fit", "--config", path, "--print_config"])
+    assert printed.value.code == 0
+    env = yaml.safe_load(capsys.readouterr().out)["env"]
+    assert env["num_envs"] == (1 if config == "atari100k" else 16) and env["train_ratio"] in (128, 512)
+    with pytest.raises(Validated):
+        CheckOnlyCLI(args=["fit", "--config", path, "--run.root", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,54 @@
+"""`python -m wm.bench fit`: the real fit of a config, stopped after a few seconds of training,
+reports env frames/s, updates/s and shares of wall time that add up, in a temporary run root."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import wm.profiling
+from wm import bench
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ("env stepping", "acting", "updates", "replay", "evaluation", "logging", "checkpointing", "other")
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_fit_benchmark_reports_shares_that_add_up(tmp_path, monkeypatch, capsys, restore_threads):
+    monkeypatch.chdir(tmp_path)  # a run root left in the working directory would show here
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    bench.main([
+        "fit", "--config", str(REPO / "configs/quickstart.yaml"), "--seconds", "3", "--threads", "1",
+        # overrides pass through to the fit: a small batch, a short prefill, a periodic checkpoint
+        # and an evaluation within the few seconds measured
+        "--data.batch_size", "4", "--data.sequence_length", "8", "--env.prefill", "64",
+        "--run.checkpoint_every", "40", "--env.eval_every", "80", "--env.eval_episodes", "1",
+    ])
+    out = capsys.readouterr().out
+    assert re.search(r"^fit benchmark: toy-catch  size1M  1 envs  B=4 T=8 .* replay on cpu", out, re.M), out
+    measured = re.search(r"^measured: ([\d.]+) s, (\d+) env frames, (\d+) updates$", out, re.M)
+    seconds, frames, updates = float(measured[1]), int(measured[2]), int(measured[3])
+    assert seconds >= 3 and frames > 0 and updates > 0
+    assert float(re.search(r"^env frames/s: ([\d.]+)$", out, re.M)[1]) == pytest.approx(frames / seconds, rel=0.02)
+    assert float(re.search(r"^updates/s: ([\d.]+)$", out, re.M)[1]) == pytest.approx(updates / seconds, rel=0.02)
+    share = {name: float(re.search(rf"^  {name} +([\d.]+)%", out, re.M)[1]) for name in NAMES}
+    assert sum(share.values()) == pytest.approx(100.0, abs=0.6), share
+    assert float(re.search(r"^  total +([\d.]+)%", out, re.M)[1]) == pytest.approx(100.0, abs=0.05)
+    for name in ("env stepping", "acting", "updates", "checkpointing", "evaluation"):
+        assert share[name] > 0, (name, out)
+    assert re.search(r"^update phases \(share of update time\): encode", out, re.M)
+    assert wm.profiling._recorder is None, "recording is off again"
+    assert list(scratch.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"], \
+        "the run lived in a temporary root, removed afterwards"
