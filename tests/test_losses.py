@@ -451,7 +451,7 @@ def test_mudreamer_terms_vs_numpy(monkeypatch, discrete):
 
     teacher = [np64(p) for p in objective.teacher.parameters()]
     head = [np64(p) for p in objective.value.parameters()]
-    objective.after_update()
+    objective.after_update(torch.tensor(True))
     for before, source, after in zip(teacher, head, objective.teacher.parameters()):
         np.testing.assert_allclose(np64(after), 0.98 * before + 0.02 * source, rtol=1e-5, atol=1e-7)
 
@@ -495,6 +495,33 @@ def test_greedy_act_is_the_policy_mode(monkeypatch, discrete):
         expected = np.tanh(raw[:, :3])
         assert np.abs(expected).max() > 0.3
     np.testing.assert_allclose(np64(action), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_act_uses_batchnorm_running_statistics_without_toggling_the_agent(monkeypatch):
+    """MuDreamer's BatchNorm acts with its running statistics, as in eval mode, while the agent
+    stays in training mode and no module's train()/eval() is called."""
+    shapes = {"image": (16, 16, 3)}
+    agent = tiny_agent(monkeypatch, MuDreamer(), shapes=shapes)
+    batchnorm = next(m for m in agent.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        batchnorm.running_mean.uniform_(-1, 1)
+        batchnorm.running_var.uniform_(0.5, 2)
+    obs = {"image": torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8), "is_first": torch.ones(3, dtype=torch.bool)}
+    with torch.no_grad():
+        train_embed = agent.world_model.encoder({"image": obs["image"]})  # (updates the running statistics)
+        eval_embed = agent.world_model.encoder.eval()({"image": obs["image"]})
+        agent.train()
+    assert not torch.allclose(eval_embed, train_embed), "the statistics must matter for the test to mean anything"
+    seen = []
+    agent.world_model.encoder.register_forward_hook(lambda module, inputs, output: seen.append(output))
+
+    def refuse(self, mode=True):
+        raise AssertionError("act toggled train/eval")
+
+    monkeypatch.setattr(torch.nn.Module, "train", refuse)
+    agent.act(obs, mode="greedy")
+    assert agent.training and batchnorm.training
+    torch.testing.assert_close(seen[0], eval_embed)
 
 
 @pytest.mark.parametrize(

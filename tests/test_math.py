@@ -19,6 +19,8 @@ from wm.distributions import (
     continue_loss,
     continuous_policy,
     discrete_policy,
+    onehot,
+    sample_policy,
     symexp_bins,
     unimix_logits,
 )
@@ -26,8 +28,10 @@ from wm.nets import BlockLinear, RMSNorm, init_fan_in_, symexp, symlog
 from wm.objectives.barlow import barlow_twins_loss
 from wm.objectives.mudreamer import action_nll
 from wm.optim import LaProp
-from wm.returns import ReturnNormalizer, ema_update_, lambda_return
+from wm.returns import ReturnNormalizer, ema_update_, lambda_return, quantiles
 from wm.world_model import kl_losses
+
+TAKEN = torch.tensor(True)  # an update that was taken (not skipped for a non-finite value)
 
 
 def np_log_softmax(x: np.ndarray) -> np.ndarray:
@@ -332,11 +336,50 @@ def test_continuous_policy_mean_std_and_log_prob():
     np.testing.assert_allclose(dist.log_prob(a).numpy(), logp, rtol=1e-5, atol=1e-5)
 
 
-def test_discrete_policy_probs():
+def test_discrete_policy_probs_log_prob_and_entropy():
     torch.manual_seed(0)
     raw = torch.randn(4, 5) * 3
     dist = discrete_policy(raw, 0.01)
-    np.testing.assert_allclose(dist.probs.numpy(), 0.99 * np_softmax(raw.numpy()) + 0.002, rtol=1e-5, atol=1e-7)
+    probs = 0.99 * np_softmax(raw.numpy().astype(np.float64)) + 0.002
+    np.testing.assert_allclose(dist.probs.numpy(), probs, rtol=1e-5, atol=1e-7)
+    actions = np.eye(5)[[0, 3, 4, 1]]
+    np.testing.assert_allclose(dist.log_prob(torch.tensor(actions, dtype=torch.float32)).numpy(),
+                               np.log(probs[np.arange(4), [0, 3, 4, 1]]), rtol=1e-5)
+    np.testing.assert_allclose(dist.entropy().numpy(), -(probs * np.log(probs)).sum(-1), rtol=1e-5)
+    # a class of probability 0 adds 0 to the entropy, not NaN
+    assert torch.isfinite(discrete_policy(torch.tensor([[0.0, -1e30]]), 0.0).entropy()).all()
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_sampled_actions_follow_the_policy(discrete):
+    """sample_policy (no host sync) draws from the policy's law: class frequencies, or the
+    normal's mean and std, over 20000 draws."""
+    torch.manual_seed(0)
+    raw = torch.tensor([[1.0, 0.0, -1.0, 2.0]])
+    dist = discrete_policy(raw, 0.01) if discrete else continuous_policy(raw)
+    samples = torch.stack([sample_policy(dist)[0] for _ in range(20000)]).numpy().astype(np.float64)
+    if discrete:
+        assert set(np.unique(samples)) == {0.0, 1.0} and (samples.sum(-1) == 1).all()
+        expected = 0.99 * np_softmax(raw.numpy().astype(np.float64))[0] + 0.01 / 4
+        np.testing.assert_allclose(samples.mean(0), expected, atol=0.01)
+    else:
+        mean = np.tanh([1.0, 0.0])
+        std = 0.9 / (1.0 + np.exp(-(np.array([-1.0, 2.0]) + 2.0))) + 0.1
+        np.testing.assert_allclose(samples.mean(0), mean, atol=0.02)
+        np.testing.assert_allclose(samples.std(0), std, rtol=0.03)
+
+
+def test_quantiles_match_numpy_percentiles():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 37, 1000):
+        values = rng.normal(size=n) * 10
+        got = quantiles(torch.tensor(values, dtype=torch.float64), (0.05, 0.5, 0.95)).numpy()
+        np.testing.assert_allclose(got, np.percentile(values, [5, 50, 95]), rtol=1e-12, atol=1e-12)
+
+
+def test_onehot_matches_eye():
+    index = torch.tensor([[0, 3], [2, 1]])
+    assert torch.equal(onehot(index, 4), torch.tensor(np.eye(4, dtype=np.float32)[index.numpy()]))
 
 
 def test_continue_loss_is_bernoulli_nll():
@@ -431,7 +474,7 @@ def test_return_normalizer_percentiles_and_ema():
     low = high = 0.0
     for i in range(6):
         returns = torch.randn(4, 37) * (10.0 + 20 * i) + 3.0 * i
-        norm.store_(norm.advance(returns))
+        norm.store_(norm.advance(returns), TAKEN)
         values = returns.numpy().astype(np.float64).ravel()
         p5, p95 = np.percentile(values, 5), np.percentile(values, 95)  # numpy default: linear
         low = 0.99 * low + 0.01 * p5
@@ -442,7 +485,7 @@ def test_return_normalizer_percentiles_and_ema():
     assert norm.scale().item() > 1.0
     # a small range stays at the limit
     small = ReturnNormalizer()
-    small.store_(small.advance(torch.linspace(0, 1, 11)))
+    small.store_(small.advance(torch.linspace(0, 1, 11)), TAKEN)
     assert small.scale().item() == 1.0
     # advance computes the next EMAs without storing them; store_ stores them
     before = (norm.low.item(), norm.high.item())
@@ -452,12 +495,14 @@ def test_return_normalizer_percentiles_and_ema():
     p5, p95 = np.percentile(returns.numpy().astype(np.float64), [5, 95])
     np.testing.assert_allclose(advanced.numpy(), [0.99 * before[0] + 0.01 * p5, 0.99 * before[1] + 0.01 * p95], rtol=1e-5)
     np.testing.assert_allclose(norm.scale(advanced).item(), max(1.0, advanced[1].item() - advanced[0].item()), rtol=1e-6)
-    norm.store_(advanced)
+    norm.store_(advanced, torch.tensor(False))  # a skipped update keeps the EMAs
+    assert (norm.low.item(), norm.high.item()) == before
+    norm.store_(advanced, TAKEN)
     assert torch.equal(torch.stack([norm.low, norm.high]), advanced)
     # percentiles are interpolated like numpy on a tiny known set
     tiny = ReturnNormalizer(rate=1.0)
     data = np.array([0.0, 1.0, 2.0, 10.0])
-    tiny.store_(tiny.advance(torch.tensor(data)))
+    tiny.store_(tiny.advance(torch.tensor(data)), TAKEN)
     np.testing.assert_allclose(tiny.low.item(), np.percentile(data, 5), rtol=1e-6)
     np.testing.assert_allclose(tiny.high.item(), np.percentile(data, 95), rtol=1e-6)
     np.testing.assert_allclose(tiny.low.item(), 0.15, rtol=1e-6)
@@ -468,7 +513,9 @@ def test_ema_update():
     torch.manual_seed(0)
     src, dst = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     before = [p.detach().clone() for p in dst.parameters()]
-    ema_update_(dst, src, 0.02)
+    ema_update_(dst, src, 0.02, torch.tensor(False))  # a skipped update: no change
+    assert all(torch.equal(b, d) for b, d in zip(before, dst.parameters()))
+    ema_update_(dst, src, 0.02, TAKEN)
     for b, s, d in zip(before, src.parameters(), dst.parameters()):
         np.testing.assert_allclose(d.detach().numpy(), 0.98 * b.numpy() + 0.02 * s.detach().numpy(), rtol=1e-6, atol=1e-7)
 
@@ -682,3 +729,30 @@ def test_laprop_warmup_lives_in_state_dict():
         ref.step([g.numpy()])
         np.testing.assert_allclose(w2.detach().numpy(), ref.w[0], rtol=1e-7, atol=1e-12)
     assert fresh.param_groups[0]["updates"] == 5
+
+
+# ----------------------------------------------------------------------------- bf16 autocast
+def test_sensitive_ops_stay_float32_under_bf16_autocast():
+    """KL, two-hot, the Barlow correlation, return percentiles and the softmax over logits give,
+    under bf16 autocast, the float32 results they give without it (not bf16-rounded ones)."""
+    torch.manual_seed(0)
+    logits_a, logits_b = torch.randn(6, 4, 8), torch.randn(6, 4, 8)
+    values, targets = torch.randn(6, 255), torch.randn(6) * 30
+    a, b = torch.randn(64, 12), torch.randn(64, 12)
+    returns, cont, boot = torch.randn(5, 7), torch.rand(5, 7), torch.randn(5, 7)
+    two_hot = TwoHot(symexp_bins())
+    calls = {
+        "kl": lambda: categorical_kl(logits_a, logits_b),
+        "two_hot_loss": lambda: two_hot.loss(values, targets),
+        "two_hot_decode": lambda: two_hot.decode(values),
+        "barlow": lambda: barlow_twins_loss(a, b, 5e-3),
+        "percentiles": lambda: quantiles(returns.flatten(), (0.05, 0.95)),
+        "unimix_softmax": lambda: unimix_logits(logits_a, 0.01),
+        "lambda_return": lambda: lambda_return(returns, cont, boot, 0.95),
+    }
+    for name, call in calls.items():
+        plain = call()
+        with torch.autocast("cpu", torch.bfloat16):
+            mixed = call()
+        assert mixed.dtype == torch.float32, name
+        torch.testing.assert_close(mixed, plain, rtol=1e-6, atol=1e-6, msg=name)

@@ -149,3 +149,15 @@ def test_cuda_precisions_and_devices(monkeypatch):
         check(precision="bf16-mixed")
     with pytest.raises(ConfigError, match=r"trainer\.devices=2 but this machine has 1 CUDA devices"):
         check("cuda", devices=2)
+
+
+def test_bf16_falls_back_to_float32_without_native_bfloat16(tmp_path, monkeypatch):
+    """The shipped configs ask for bf16-mixed; on a device that would only emulate it the fit
+    trains in 32-true, says so, and logs the precision it used."""
+    assert wm.validation.native_bf16("cpu") in (True, False)  # the real probe runs here
+    monkeypatch.setattr(wm.validation, "native_bf16", lambda device: False)  # a CPU without AVX512-BF16/AMX
+    with pytest.warns(UserWarning, match=r"trainer\.precision=bf16-mixed: this device has no native bfloat16.*32-true"):
+        run_cli(tmp_path, *TINY, "--trainer.precision", "bf16-mixed")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'tiny' / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])[0]
+    assert run.data.params["trainer.precision"] == "32-true"

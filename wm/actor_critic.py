@@ -101,5 +101,5 @@ class ActorCritic(L.LightningModule):
         ret, weight = replay_returns(reward, cont, boot, self.config.lam, last)
         return (weight * self._critic_loss(feat[:, :-1], ret)).mean()
 
-    def update_slow_critic(self) -> None:
-        ema_update_(self.slow_critic, self.critic, self.config.slow_rate)
+    def update_slow_critic(self, taken: torch.Tensor) -> None:
+        ema_update_(self.slow_critic, self.critic, self.config.slow_rate, taken)

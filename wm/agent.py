@@ -9,7 +9,8 @@ One update, read top to bottom in `losses` and `training_step`:
      return normaliser, slow critic, the objective's EMA teachers. `losses` itself changes no
      state but BatchNorm's running statistics in training mode.
 An update whose loss or gradients are not finite is skipped: nothing of the model or the optimiser
-changes (see `training_step`).
+changes (see `training_step`). Nothing in an update reads a value back to the host, so that a GPU
+never waits and the update can be compiled whole (`compile`, `loss_function`).
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ from typing import NamedTuple
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from wm.actor_critic import ActorCritic, ActorCriticConfig
-from wm.distributions import policy_mode
+from wm.distributions import policy_mode, sample_policy
 from wm.objectives import DEFAULT_OBJECTIVE, Objective, make_objective
 from wm.optim import OptimizerConfig
-from wm.profiling import phase
+from wm.profiling import phase, set_compile_cache
 from wm.rssm import State
 from wm.sizes import model_size
+from wm.update_stats import UpdateStats
 from wm.world_model import WorldModel, WorldModelConfig
 
 
@@ -72,7 +75,8 @@ class Agent(L.LightningModule):
         size: model size preset, size1M ... size200M.
         repval_scale: weight of the replay-value loss.
         max_consecutive_skips: consecutive updates with a non-finite loss or gradient that are
-            skipped before training stops with `NonFiniteLossError`.
+            skipped before training stops with `NonFiniteLossError` (checked every log interval).
+        compile: compile the update's loss and backward with `torch.compile` (see `loss_function`).
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class Agent(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         repval_scale: float = 0.3,
         max_consecutive_skips: int = 10,
+        compile: bool = False,
     ):
         if max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
@@ -110,8 +115,13 @@ class Agent(L.LightningModule):
             observation_shapes, action_dim, discrete, sizes, objective, world_model, actor_critic.policy_unimix
         )
         self.actor_critic = ActorCritic(sizes.feat_dim, action_dim, discrete, sizes, actor_critic)
-        self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, in all (checkpointed)
-        self.consecutive_skips = 0
+        # Updates skipped for a non-finite loss or gradient, in all (checkpointed) and in a row, as
+        # of the last log interval; the live counts are on the device in `stats`.
+        self.skipped_updates = self.consecutive_skips = 0
+        self.stats = UpdateStats()
+        self.gradient_names: list[str] = []  # of the last update, for naming non-finite gradients
+        self._compiled_losses = None
+        self._batchnorms: list[nn.Module] | None = None  # found on the first `act` of a fit
 
     # ----------------------------------------------------------------------------- training
     def configure_optimizers(self):
@@ -123,7 +133,7 @@ class Agent(L.LightningModule):
         feats, actions = [start.feat], []
         state = start
         for _ in range(self.actor_critic.config.horizon):
-            action = self.actor_critic.policy(state.feat).sample().to(state.deter.dtype)
+            action = sample_policy(self.actor_critic.policy(state.feat)).to(state.deter.dtype)
             state = self.world_model.rssm.img_step(state, action)
             feats.append(state.feat)
             actions.append(action)
@@ -151,14 +161,29 @@ class Agent(L.LightningModule):
         metrics.update({"actor_critic/repval": repval, "world_model/loss": wm.loss, "loss": total})
         return total, metrics, wm.posterior
 
+    def loss_function(self):
+        """`losses`, compiled on first use when `compile` is set: the whole forward as one graph
+        (fullgraph, so a graph break is an error) and its backward through AOTAutograd; CUDA
+        graphs ("reduce-overhead") on a GPU, inductor's C++ kernels on a CPU."""
+        if not self.hparams.compile:
+            return self.losses
+        if self._compiled_losses is None:
+            set_compile_cache()
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled_losses = torch.compile(self.losses, fullgraph=True, dynamic=False, mode=mode)
+        return self._compiled_losses
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict:
-        """One update, or none when its loss or a gradient is not finite: then the gradients are
-        dropped, the buffers (BatchNorm statistics) restored and no optimiser step, return
-        normaliser, slow-critic or objective update made; the output says "skipped" and holds no
-        latents."""
+        """One update, without a host sync. If its loss or a gradient is not finite, the update
+        is a no-op decided on the device: parameters, optimiser state (warm-up included),
+        buffers (BatchNorm statistics, return normaliser), slow critic and objective teachers keep
+        their values, and the output's `taken` is false (the replay keeps its old latents).
+        Metrics are summed on the device and logged, with the skip count, once per log interval."""
         optimizer = self.optimizers()
-        buffers = [b.clone() for b in self.buffers()]  # restored if the update is skipped
-        total, metrics, posterior = self.losses(batch)
+        log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0  # Lightning logs this batch
+        buffers = [b.clone() for b in self.buffers()]  # kept if the update is skipped
+        torch.compiler.cudagraph_mark_step_begin()  # the last update's graph outputs are consumed
+        total, metrics, posterior = self.loss_function()(batch)
         optimizer.zero_grad(set_to_none=True)
         with phase("backward"):
             self.manual_backward(total)
@@ -166,55 +191,62 @@ class Agent(L.LightningModule):
         # Under a GradScaler (16-mixed) the scaled gradients overflow by design; the scaler skips
         # those steps and lowers its scale, so only the loss is checked here.
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        flags = finite_flags(total, [] if scaled else [g for _, g in named_grads])
-        if not bool(flags.all()):  # the check's one host sync
+        finite = finite_flags(total, [] if scaled else [g for _, g in named_grads])
+        taken = finite.all()
+        metrics["optimizer/lr"] = optimizer.optimizer.current_lr(optimizer.param_groups[0])
+        with phase("optimizer"):
+            optimizer.step(finite=taken)
             optimizer.zero_grad(set_to_none=True)
             for buffer, saved in zip(self.buffers(), buffers):
-                buffer.copy_(saved)
-            return self.skip_update(total, metrics, [name for name, _ in named_grads], flags)
-        self.consecutive_skips = 0
-        lr = optimizer.optimizer.current_lr(optimizer.param_groups[0])  # the rate this step uses
-        with phase("optimizer"):
-            optimizer.step()
+                buffer.copy_(torch.where(taken, buffer, saved))
             # The return normaliser keeps the EMAs this update's advantages were scaled with.
             low_high = torch.stack([metrics["actor_critic/return_low"], metrics["actor_critic/return_high"]])
-            self.actor_critic.retnorm.store_(low_high)
-            self.actor_critic.update_slow_critic()
-            self.world_model.objective.after_update()
-        metrics["optimizer/lr"] = torch.tensor(lr)
-        metrics["skipped_updates"] = torch.tensor(float(self.skipped_updates))
-        self.log_dict({f"train/{k}": v.detach() for k, v in metrics.items()})
-        # The posterior latents go back to the replay buffer (replay context).
-        return {"loss": total.detach(), "deter": posterior.deter.detach(), "stoch": posterior.stoch.detach(), "skipped": False}
+            self.actor_critic.retnorm.store_(low_high, taken)
+            self.actor_critic.update_slow_critic(taken)
+            self.world_model.objective.after_update(taken)
+        self.gradient_names = [] if scaled else [name for name, _ in named_grads]
+        self.stats.add(metrics, taken, finite[:-1])
+        if log_now:
+            self.log_stats()
+        # The posterior latents go back to the replay buffer (replay context) where `taken`.
+        return {"loss": total.detach(), "deter": posterior.deter.detach(), "stoch": posterior.stoch.detach(), "taken": taken}
 
-    def skip_update(self, total: torch.Tensor, metrics: dict[str, torch.Tensor], names: list[str], flags: torch.Tensor) -> dict:
-        """Count a skipped update and name what was not finite: the logged terms and the modules
-        whose gradients were (`names` and `flags[:-1]` are per gradient tensor)."""
-        self.skipped_updates += 1
-        self.consecutive_skips += 1
-        self.log("train/skipped_updates", float(self.skipped_updates))
-        values = torch.stack([v.detach().float().isfinite().all() for v in metrics.values()]).tolist()
-        terms = [k for k, ok in zip(metrics, values) if not ok]
-        modules = list(dict.fromkeys(module_of(n) for n, ok in zip(names, flags[:-1].tolist()) if not ok))
-        found = [f"non-finite {', '.join(terms)}"] if terms else []
+    def log_stats(self) -> None:
+        """Log the means of the updates taken since the last call and the skip count, warn about
+        skipped updates (naming what was not finite) and stop after too many in a row. The one
+        place an update's values reach the host."""
+        report = self.stats.read()
+        if report is None:
+            return
+        self.skipped_updates, self.consecutive_skips = report.skipped_total, report.consecutive
+        logged = {f"train/{k}": v for k, v in report.means.items()}
+        logged["train/skipped_updates"] = float(report.skipped_total)
+        self.log_dict(logged)
+        if not report.skipped:
+            return
+        modules = list(dict.fromkeys(module_of(self.gradient_names[i]) for i in report.bad_gradients))
+        found = [f"non-finite {', '.join(report.bad_metrics)}"] if report.bad_metrics else []
         found += [f"non-finite gradients in {', '.join(modules)}"] if modules else []
         what = "; ".join(found)
         rank_zero_warn(
-            f"update skipped at global step {self.global_step} ({self.consecutive_skips} in a row, {self.skipped_updates} in all): {what}"
+            f"{report.skipped} of the last {report.updates} updates skipped, up to global step {self.global_step} "
+            f"({report.consecutive} in a row, {report.skipped_total} in all); the last one: {what}"
         )
         limit = self.hparams.max_consecutive_skips
-        if self.consecutive_skips >= limit:
+        if report.consecutive >= limit:
             raise NonFiniteLossError(
-                f"{self.consecutive_skips} consecutive updates were skipped (max_consecutive_skips={limit}) because their "
-                f"loss or gradients were not finite; the last: {what}. No skipped update changed the model, and the last "
-                "good checkpoint is kept in the run's checkpoints folder (last.ckpt). Try a lower learning rate "
-                "(model.optimizer.lr), check the environment's rewards and observations for NaN, inf or huge values, "
-                "or train in full precision (trainer.precision: 32-true)."
+                f"{report.consecutive} consecutive updates were skipped (max_consecutive_skips={limit}, checked every "
+                f"log interval) because their loss or gradients were not finite; the last: {what}. No skipped update "
+                "changed the model, and the last good checkpoint is kept in the run's checkpoints folder (last.ckpt). "
+                "Try a lower learning rate (model.optimizer.lr), check the environment's rewards and observations for "
+                "NaN, inf or huge values, or train in full precision (trainer.precision: 32-true)."
             )
-        return {"loss": total.detach(), "skipped": True}
+
+    def on_fit_start(self) -> None:
+        self._batchnorms = None  # a strategy may have replaced them (SyncBatchNorm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["skipped_updates"] = self.skipped_updates
+        checkpoint["skipped_updates"] = self.stats.skipped_so_far()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, with the differences spelled out, a checkpoint of another model; restore the
@@ -232,6 +264,7 @@ class Agent(L.LightningModule):
             )
         self.skipped_updates = checkpoint.get("skipped_updates", 0)
         self.consecutive_skips = 0
+        self.stats = UpdateStats(self.skipped_updates)
 
     # ------------------------------------------------------------------------------- acting
     def initial_state(self, batch: int) -> ActState:
@@ -249,15 +282,21 @@ class Agent(L.LightningModule):
             raise ValueError(f"act mode must be 'sample' or 'greedy', got {mode!r}")
         is_first = obs["is_first"].to(self.device)
         state = state if state is not None else self.initial_state(is_first.shape[0])
-        was_training = self.training
-        self.eval()  # BatchNorm (MuDreamer) uses its running statistics when acting
+        # BatchNorm (MuDreamer) uses its running statistics when acting: only those modules are
+        # switched, not the whole agent on every call.
+        if self._batchnorms is None:
+            self._batchnorms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        modes = [m.training for m in self._batchnorms]
+        for m in self._batchnorms:
+            m.training = False
         try:
             embed = self.world_model.encoder({k: v.to(self.device) for k, v in self.world_model.encoder.select(obs).items()})
             latent = self.world_model.rssm.obs_step(state.latent, state.action, embed, is_first)
             dist = self.actor_critic.policy(latent.feat)
-            action = dist.sample() if mode == "sample" else policy_mode(dist)
+            action = sample_policy(dist) if mode == "sample" else policy_mode(dist)
         finally:
-            self.train(was_training)
+            for m, mode_was in zip(self._batchnorms, modes):
+                m.training = mode_was
         if not self.discrete:
             action = action.clamp(-1.0, 1.0)
         return action, ActState(latent, action)

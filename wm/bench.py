@@ -1,28 +1,38 @@
 """Speed and memory of a training update: `python -m wm.bench update --size size12M --objective barlow`.
 
 Runs real updates of the Lightning agent through a Trainer on a random replay batch and prints
-the median seconds per update after warm-up, the share of each phase and the peak memory.
+the median seconds per update after warm-up, the share of each phase (eager only), the peak
+memory, and what decides speed on any hardware: compile time and graph breaks (`--compile`),
+host syncs and aten ops in one update (torch.profiler), GFLOP per update (FlopCounterMode) and
+the fraction of this machine's peak matmul throughput that the update achieves.
 `python -m wm.bench params --size size12M` prints the per-module parameter table.
 `python -m wm.bench replay --rows 100000 --new-rows 12500` prints the bytes and seconds of the
 first replay save of a buffer holding `rows` rows and of the next save, after `new_rows` more.
+`python -m wm.bench fit --config configs/dmc.yaml --seconds 120` runs a real fit and prints env
+frames/s, updates/s and the share of wall time in each part of the loop (wm/bench_fit.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from datamodules import ReplayBuffer, ReplayStore
+from wm import bench_fit
 from wm.agent import Agent
 from wm.objectives import OBJECTIVES, make_objective
-from wm.profiling import start_recording, stop_recording
+from wm.profiling import ProfileBatch, set_compile_cache, start_recording, stop_recording
 from wm.sizes import SIZES
 from wm.synthetic import random_batch
 
@@ -64,44 +74,94 @@ class UpdateTimer(L.Callback):
 
 def build_agent(args: argparse.Namespace) -> tuple[Agent, dict[str, tuple[int, ...]]]:
     shapes = {"image": (args.image_size, args.image_size, 3)}
-    agent = Agent(shapes, args.action_dim, discrete=args.discrete, objective=make_objective(args.objective), size=args.size)
+    agent = Agent(shapes, args.action_dim, discrete=args.discrete, objective=make_objective(args.objective), size=args.size,
+                  compile=getattr(args, "compile", False))
     return agent, shapes
+
+
+def update_gflop(agent: Agent, batch: dict[str, torch.Tensor]) -> float:
+    """Matmul and conv GFLOP of one update, forward and backward (counted eagerly on a copy)."""
+    clone = copy.deepcopy(agent)
+    with FlopCounterMode(display=False) as counter:
+        total, _, _ = clone.losses(batch)
+        total.backward()
+    return counter.get_total_flops() / 1e9
+
+
+def peak_matmul_gflops(dtype: torch.dtype, device: str, size: int = 4096, repeats: int = 5) -> float:
+    """This machine's matmul throughput: the best of `repeats` square matmuls."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def bench_update(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        if args.cold:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="wm-compile-cold-")
+        set_compile_cache()
+        torch._dynamo.utils.counters.clear()
     agent, shapes = build_agent(args)
     batch = random_batch(shapes, args.action_dim, args.discrete, args.batch, args.length)
+    gflop = update_gflop(agent, batch)
     timer = UpdateTimer()
+    profiled = args.warmup + args.updates  # one more update, profiled and not timed
+    profiler = ProfileBatch(profiled)
     trainer = L.Trainer(
         accelerator=args.device,
         devices=1,
         precision=PRECISIONS[args.precision],
-        max_steps=args.warmup + args.updates,
+        max_steps=profiled + 1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, profiler],
     )
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(agent, DataLoader(RepeatBatch(batch), batch_size=None))
-    measured = timer.seconds[args.warmup :]
-    phases = timer.phases[args.warmup :]
+    measured = timer.seconds[args.warmup : profiled]
+    phases = timer.phases[args.warmup : profiled]
     median = statistics.median(measured)
     print(f"objective {args.objective}  size {args.size}  B={args.batch} T={args.length}  "
-          f"precision {PRECISIONS[args.precision]}  device {args.device}  threads {torch.get_num_threads()}")
+          f"precision {PRECISIONS[args.precision]}  device {args.device}  threads {torch.get_num_threads()}  "
+          f"{'compiled' if args.compile else 'eager'}")
     print(agent.parameter_table())
     print(f"median seconds per update: {median:.3f}  (min {min(measured):.3f}, max {max(measured):.3f}, "
           f"{len(measured)} updates after {args.warmup} warm-up)")
-    mean_total = statistics.fmean(measured)
-    shares = {name: statistics.fmean(p.get(name, 0.0) for p in phases) for name in PHASES}
-    shares["other"] = max(0.0, mean_total - sum(shares.values()))
-    for name, seconds in shares.items():
-        print(f"  {name:<10}{seconds:8.3f} s  {100 * seconds / mean_total:5.1f}%")
+    if args.compile:
+        counters = torch._dynamo.utils.counters
+        print(f"compile: first update {timer.seconds[0]:.1f} s, i.e. {timer.seconds[0] - median:.1f} s of compilation "
+              f"({'cold' if args.cold else 'warm or cold'} cache at {os.environ['TORCHINDUCTOR_CACHE_DIR']}); "
+              f"graphs {counters['stats']['unique_graphs']}, graph breaks {sum(counters['graph_break'].values())}")
+    else:
+        mean_total = statistics.fmean(measured)
+        shares = {name: statistics.fmean(p.get(name, 0.0) for p in phases) for name in PHASES}
+        shares["other"] = max(0.0, mean_total - sum(shares.values()))
+        for name, seconds in shares.items():
+            print(f"  {name:<10}{seconds:8.3f} s  {100 * seconds / mean_total:5.1f}%")
+    counts = profiler.counts
+    syncs = sum(counts.syncs.values())
+    print(f"one update: {syncs} host syncs {counts.syncs or ''}, {counts.aten_ops} aten ops dispatched, "
+          f"{counts.leaf_ops} leaf aten ops")
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16 if args.precision == "16" else torch.float32
+    peak = peak_matmul_gflops(dtype, args.device)
+    achieved = gflop / median
+    print(f"GFLOP per update: {gflop:.0f}  achieved {achieved:.0f} GFLOP/s = {100 * achieved / peak:.0f}% of this "
+          f"machine's {str(dtype).removeprefix('torch.')} matmul peak ({peak:.0f} GFLOP/s, 4096x4096)")
     if args.device == "cuda":
         print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print(f"peak process RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
@@ -142,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--action-dim", type=int, default=6)
     parser.add_argument("--discrete", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="update: compile the loss and backward (model.compile)")
+    parser.add_argument("--cold", action="store_true", help="update --compile: start from an empty compile cache")
     parser.add_argument("--updates", type=int, default=5, help="timed updates")
     parser.add_argument("--warmup", type=int, default=2, help="untimed updates first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -152,6 +214,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fit"]:  # a real fit: its own options, and any `--key value` of `python -m wm fit`
+        bench_fit.main(argv[1:])
+        return
     args = parse_args(argv)
     {"update": bench_update, "params": print_params, "replay": bench_replay}[args.what](args)
 

@@ -28,7 +28,7 @@ from wm.agent import Agent
 from wm.files import atomic_write
 from wm.logger import EnvStepMLFlowLogger
 from wm.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
-from wm.validation import ConfigError, check_config
+from wm.validation import ConfigError, check_config, precision_fallback
 
 
 @dataclass
@@ -95,6 +95,11 @@ class WMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         check_config(self.config[self.subcommand], self.subcommand)
+        fallback = precision_fallback(self.config[self.subcommand])
+        if fallback is not None:  # the configs recommend bf16-mixed; float32 where it is not native
+            rank_zero_warn(f"trainer.precision={self.config[self.subcommand].trainer.precision}: this device has no native "
+                           f"bfloat16 and would emulate it slower than float32; training in {fallback} instead")
+            self.config[self.subcommand].trainer.precision = fallback
         if self.subcommand != "fit":
             return
         config = self.config[self.subcommand]

@@ -21,9 +21,15 @@ def unimix_logits(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     return torch.log(probs)
 
 
+def onehot(index: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One-hot vectors of `index` (..., ) -> (..., classes). Unlike `F.one_hot` it does not check
+    the index range, which on the CPU reads the indices back to the host (a sync per call)."""
+    return (index[..., None] == torch.arange(classes, device=index.device)).to(dtype)
+
+
 def mode_onehot(logits: torch.Tensor) -> torch.Tensor:
     """One-hot of the most likely class."""
-    return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    return onehot(logits.argmax(-1), logits.shape[-1], logits.dtype)
 
 
 def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.Tensor:
@@ -61,9 +67,7 @@ class TwoHot:
         below = above - 1
         lo, hi = bins[below], bins[above]
         weight_hi = ((target - lo) / (hi - lo)).clamp(0.0, 1.0)
-        return F.one_hot(below, len(bins)) * (1 - weight_hi)[..., None] + F.one_hot(
-            above, len(bins)
-        ) * weight_hi[..., None]
+        return onehot(below, len(bins)) * (1 - weight_hi)[..., None] + onehot(above, len(bins)) * weight_hi[..., None]
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
         """Expected value; sums the negative and positive halves separately so that symmetric
@@ -86,16 +90,52 @@ def continuous_policy(raw: torch.Tensor, min_std: float = 0.1, max_std: float = 
     return td.Independent(td.Normal(torch.tanh(mu), std, validate_args=False), 1, validate_args=False)
 
 
-def discrete_policy(raw: torch.Tensor, unimix: float) -> td.Distribution:
+class OneHotCategorical:
+    """Categorical over one-hot vectors. torch.distributions' version checks its arguments on the
+    host whatever `validate_args` says (its inner Categorical validates), a sync per call."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits - logits.logsumexp(-1, keepdim=True)  # normalised log-probabilities
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self.logits.exp()
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log p of one-hot `value`s."""
+        return (value * self.logits).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        logits = self.logits.clamp(min=torch.finfo(self.logits.dtype).min)  # 0 * log 0 = 0
+        return -(self.probs * logits).sum(-1)
+
+
+def discrete_policy(raw: torch.Tensor, unimix: float) -> OneHotCategorical:
     """Categorical over one-hot actions with `unimix` uniform mixing."""
-    return td.OneHotCategorical(logits=unimix_logits(raw, unimix), validate_args=False)
+    return OneHotCategorical(unimix_logits(raw, unimix))
 
 
-def policy_mode(dist: td.Distribution) -> torch.Tensor:
+def policy_mode(dist: td.Distribution | OneHotCategorical) -> torch.Tensor:
     """Greedy action: the mean of a normal, the most likely one-hot of a categorical."""
-    if isinstance(dist, td.OneHotCategorical):
+    if isinstance(dist, OneHotCategorical):
         return mode_onehot(dist.logits)
     return dist.mean
+
+
+def sample_policy(dist: td.Distribution | OneHotCategorical) -> torch.Tensor:
+    """A sample of a policy, drawn without a host sync: a normal by reparameterisation (its
+    `sample` checks the std on the host), a categorical by Gumbel-max over its logits. Same law
+    as `dist.sample()`, no gradient."""
+    with torch.no_grad():
+        if isinstance(dist, OneHotCategorical):
+            return gumbel_max(dist.logits)
+        return dist.rsample()
+
+
+def gumbel_max(logits: torch.Tensor) -> torch.Tensor:
+    """One-hot sample of softmax(logits): argmax(logits + Gumbel noise)."""
+    gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-20, 1.0)))
+    return mode_onehot(logits + gumbel)
 
 
 def continue_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 TRUNC_NORMAL_STD = 1.1368  # makes a [-2, 2] truncated normal have unit variance
 
@@ -33,10 +34,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
-        return (x * self.scale).to(dtype)
+        """x * rsqrt(mean(x^2) + eps) * scale, computed in float32 (torch's fused kernel)."""
+        return F.rms_norm(x.float(), (x.shape[-1],), self.scale, self.eps).to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -69,6 +68,18 @@ class BlockLinear(nn.Module):
         x = x.reshape(-1, self.blocks, x.shape[-1] // self.blocks).transpose(0, 1)  # (G, N, in/G)
         y = torch.bmm(x, self.weight.to(x.dtype)).transpose(0, 1)  # (N, G, out/G)
         return y.reshape(*lead, -1) + self.bias.to(y.dtype)
+
+    def forward_shared(self, own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """`forward` of the input whose block g is [own's slice g, shared]: (N, G * k) and (N, S)
+        with in/G = k + S. Each block's weight splits into the rows for its own slice and the
+        rows for the shared part, so the shared part is one dense matmul and the (N, G, k + S)
+        input is never built (the GRU's input, where it was the largest copy of a step)."""
+        n, g = own.shape[0], self.blocks
+        k = own.shape[-1] // g
+        weight = self.weight.to(own.dtype)
+        y = torch.bmm(own.reshape(n, g, k).transpose(0, 1), weight[:, :k]).transpose(0, 1).reshape(n, -1)
+        dense = weight[:, k:].permute(1, 0, 2).reshape(shared.shape[-1], -1)  # (S, out): block g's columns
+        return torch.addmm(self.bias.to(y.dtype), shared.to(y.dtype), dense) + y
 
 
 class NormAct(nn.Sequential):

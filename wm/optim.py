@@ -13,8 +13,11 @@ class LaProp(torch.optim.Optimizer):
     bias-corrected, then a learning rate warmed up linearly over `warmup` updates.
 
     AGC scales a tensor's gradient g down to clip * max(pmin, ||w||) when ||g|| exceeds it.
-    The update count (and so the warm-up position) is kept in each param group, so a resumed
-    run continues the warm-up where it stopped.
+    The update count (warm-up position and bias correction) is a tensor in each param group, so
+    a resumed run continues the warm-up where it stopped and a step never reads a value back to
+    the host. `step(finite=flag)` takes the step only where the 0-d bool tensor `flag` is true:
+    otherwise parameters, moments and the count stay bit-exact, decided on the device.
+    The arithmetic runs as `torch._foreach_*` ops over all tensors of a group at once.
     """
 
     def __init__(
@@ -31,39 +34,62 @@ class LaProp(torch.optim.Optimizer):
             raise ValueError(f"LaProp: lr, eps, agc and warmup must be >= 0 (got {lr}, {eps}, {agc}, {warmup})")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, agc=agc, pmin=pmin, warmup=warmup, updates=0))
 
-    def current_lr(self, group: dict) -> float:
-        step = group["updates"] + 1
-        return group["lr"] * (min(1.0, step / group["warmup"]) if group["warmup"] else 1.0)
+    @staticmethod
+    def _updates(group: dict) -> torch.Tensor:
+        """The group's update count as a float64 tensor (exact bias corrections) on its parameters' device (a checkpoint
+        may hold an int, or a tensor restored on another device)."""
+        device = group["params"][0].device
+        updates = group["updates"]
+        if not torch.is_tensor(updates) or updates.device != device or updates.dtype != torch.float64:
+            group["updates"] = updates = torch.as_tensor(updates, dtype=torch.float64).to(device)
+        return updates
+
+    def current_lr(self, group: dict, updates: torch.Tensor | None = None) -> torch.Tensor:
+        """The rate of the group's next step (or of the step that makes the count `updates`)."""
+        step = self._updates(group) + 1 if updates is None else updates
+        return group["lr"] * (torch.clamp(step / group["warmup"], max=1.0) if group["warmup"] else torch.ones_like(step))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, finite: torch.Tensor | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr = self.current_lr(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                if group["agc"]:
-                    limit = group["agc"] * torch.clamp(p.detach().float().norm(), min=group["pmin"])
-                    grad = grad * torch.clamp(limit / grad.norm().clamp(min=1e-30), max=1.0)
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["nu"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["mu"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                t = state["step"]
-                state["nu"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                nu_hat = state["nu"] / (1 - beta2**t)
-                state["mu"].mul_(beta1).add_(grad / (nu_hat.sqrt() + group["eps"]), alpha=1 - beta1)
-                p.add_((state["mu"] / (1 - beta1**t)).to(p.dtype), alpha=-lr)
-            group["updates"] += 1
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(group, params, finite)
         return loss
+
+    def _step_group(self, group: dict, params: list[torch.Tensor], finite: torch.Tensor | None) -> None:
+        beta1, beta2 = group["betas"]
+        old = self._updates(group)
+        take = torch.ones((), dtype=torch.bool, device=old.device) if finite is None else finite.to(old.device)
+        updates = old + take.double()
+        lr = self.current_lr(group, updates)
+        grads = [p.grad.float() for p in params]
+        if group["agc"]:
+            weight_norms = torch.stack(torch._foreach_norm([p.float() for p in params]))
+            grad_norms = torch.stack(torch._foreach_norm(grads))
+            limit = group["agc"] * weight_norms.clamp(min=group["pmin"])
+            grads = torch._foreach_mul(grads, list(torch.clamp(limit / grad_norms.clamp(min=1e-30), max=1.0).unbind()))
+        for p in params:
+            if p not in self.state or "nu" not in self.state[p]:
+                self.state[p] = {"nu": torch.zeros_like(p, dtype=torch.float32), "mu": torch.zeros_like(p, dtype=torch.float32)}
+        nus = [self.state[p]["nu"] for p in params]
+        mus = [self.state[p]["mu"] for p in params]
+        new_nus = torch._foreach_mul(nus, beta2)
+        torch._foreach_addcmul_(new_nus, grads, grads, value=1 - beta2)
+        denominators = torch._foreach_sqrt(torch._foreach_div(new_nus, 1 - beta2**updates))
+        torch._foreach_add_(denominators, group["eps"])
+        new_mus = torch._foreach_mul(mus, beta1)
+        torch._foreach_add_(new_mus, torch._foreach_div(grads, denominators), alpha=1 - beta1)
+        steps = torch._foreach_mul(new_mus, -lr / (1 - beta1**updates))
+        for p, nu, mu, new_nu, new_mu, step in zip(params, nus, mus, new_nus, new_mus, steps):
+            nu.copy_(torch.where(take, new_nu, nu))
+            mu.copy_(torch.where(take, new_mu, mu))
+            p.copy_(torch.where(take, p + step.to(p.dtype), p))
+        old.copy_(updates)
 
 
 @dataclass

@@ -31,6 +31,21 @@ def lambda_return(
     return torch.stack(returns[:0:-1], 1)
 
 
+def quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:
+    """`torch.quantile(values, qs)` with linear interpolation, for a 1-D `values`: the positions
+    are known from the shape alone, so nothing is read back to the host (torch.quantile checks
+    its `q` on the host)."""
+    ordered = values.sort().values
+    last = values.shape[0] - 1
+    out = []
+    for q in qs:
+        position = q * last
+        below = int(position)
+        above = min(below + 1, last)
+        out.append(ordered[below].lerp(ordered[above], position - below))
+    return torch.stack(out)
+
+
 @torch.no_grad()
 def replay_returns(
     reward: torch.Tensor, cont: torch.Tensor, boot: torch.Tensor, lam: float, last: torch.Tensor
@@ -62,14 +77,14 @@ class ReturnNormalizer(nn.Module):
     def advance(self, returns: torch.Tensor) -> torch.Tensor:
         """(low, high) after one update with `returns`, without storing it: a loss may use the
         advanced scale while the training step alone stores it (`store_`)."""
-        values = returns.detach().float().flatten()
-        q = torch.quantile(values, torch.tensor(self.quantiles, device=values.device))
+        q = quantiles(returns.detach().float().flatten(), self.quantiles)
         return torch.stack([self.low, self.high]).lerp(q, self.rate)
 
     @torch.no_grad()
-    def store_(self, low_high: torch.Tensor) -> None:
-        self.low.copy_(low_high[0])
-        self.high.copy_(low_high[1])
+    def store_(self, low_high: torch.Tensor, taken: torch.Tensor) -> None:
+        """Keep an `advance` result, where `taken` (a 0-d bool tensor: the update was taken)."""
+        self.low.copy_(torch.where(taken, low_high[0], self.low))
+        self.high.copy_(torch.where(taken, low_high[1], self.high))
 
     def scale(self, low_high: torch.Tensor | None = None) -> torch.Tensor:
         """max(limit, high - low) of the stored EMAs, or of an `advance` result."""
@@ -78,15 +93,13 @@ class ReturnNormalizer(nn.Module):
 
 
 @torch.no_grad()
-def ema_update_(target: nn.Module, source: nn.Module, rate: float) -> None:
-    """target <- (1 - rate) * target + rate * source, parameters and buffers."""
+def ema_update_(target: nn.Module, source: nn.Module, rate: float, taken: torch.Tensor) -> None:
+    """target <- (1 - rate) * target + rate * source, parameters and buffers, where `taken` (a 0-d
+    bool tensor: the update was taken; decided on the device)."""
     for t, s in zip(target.parameters(), source.parameters()):
-        t.lerp_(s.detach(), rate)
+        t.copy_(torch.where(taken, t.lerp(s.detach(), rate), t))
     for t, s in zip(target.buffers(), source.buffers()):
-        if t.dtype.is_floating_point:
-            t.lerp_(s, rate)
-        else:
-            t.copy_(s)
+        t.copy_(torch.where(taken, t.lerp(s, rate) if t.dtype.is_floating_point else s, t))
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

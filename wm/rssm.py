@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from wm.distributions import mode_onehot, unimix_logits
+from wm.distributions import gumbel_max, unimix_logits
 from wm.nets import MLP, BlockLinear, Linear, NormAct
 from wm.sizes import ModelSize
 
@@ -35,8 +35,7 @@ class State(NamedTuple):
 
 def sample_latents(logits: torch.Tensor) -> torch.Tensor:
     """One-hot sample (Gumbel-max) with straight-through gradients through the probabilities."""
-    gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-20, 1.0)))
-    onehot = mode_onehot(logits + gumbel)
+    onehot = gumbel_max(logits)
     probs = F.softmax(logits, -1)
     return onehot + probs - probs.detach()
 
@@ -59,8 +58,9 @@ class BlockGRU(nn.Module):
         g, n = self.blocks, deter.shape[0]
         action = action / action.abs().clamp(min=1.0).detach()
         x = torch.cat([self.deter_in(deter), self.stoch_in(stoch.flatten(1).to(deter.dtype)), self.action_in(action)], -1)
-        x = torch.cat([deter.reshape(n, g, -1), x[:, None].expand(n, g, x.shape[-1]).to(deter.dtype)], -1)
-        x = self.gates(self.hidden(x.reshape(n, -1)))
+        # block g reads [deter's slice g, x]: the same as hidden(cat(deter slices, x per block))
+        block_linear, norm = self.hidden
+        x = self.gates(norm(block_linear.forward_shared(deter, x)))
         reset, cand, update = x.reshape(n, g, 3, -1).unbind(2)
         reset, cand, update = (t.reshape(n, -1) for t in (reset, cand, update))
         cand = torch.tanh(torch.sigmoid(reset) * cand)

@@ -174,6 +174,27 @@ def supported_precisions(device: str) -> list[str] | None:
     return None
 
 
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bfloat16 matmuls in hardware (Ampere or later GPUs; CPUs with
+    AVX512-BF16 or AMX), where bf16-mixed is the faster setting."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device == "cpu":
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def precision_fallback(config) -> str | None:
+    """"32-true" where bf16-mixed is asked for on a device without native bfloat16, which would
+    emulate it slower than float32; None otherwise."""
+    accelerator = config.get("trainer.accelerator")
+    precision = config.get("trainer.precision")
+    if PRECISION_ALIASES.get(precision, precision) != "bf16-mixed" or not isinstance(accelerator, str):
+        return None
+    device, _ = resolve_accelerator(accelerator)
+    return "32-true" if device in ("cpu", "cuda") and not native_bf16(device) else None
+
+
 def precision_problems(config, device: str) -> list[str]:
     given = config.get("trainer.precision")
     precision = PRECISION_ALIASES.get(given, given)

@@ -16,10 +16,12 @@ def standardize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def barlow_twins_loss(a: torch.Tensor, b: torch.Tensor, off_diagonal: float) -> torch.Tensor:
     """sum_i (1 - C_ii)^2 + off_diagonal * sum_{i != j} C_ij^2 with C = std(a)^T std(b) / N.
 
-    `a` and `b` are (N, D) samples of two views of the same thing.
+    `a` and `b` are (N, D) samples of two views of the same thing. Computed in float32 even under
+    autocast: the diagonal terms are 1 - C_ii, where bfloat16 keeps only 3 significant digits.
     """
-    a, b = standardize(a.float()), standardize(b.float())
-    c = a.T @ b / a.shape[0]
+    with torch.autocast(a.device.type, enabled=False):
+        a, b = standardize(a.float()), standardize(b.float())
+        c = a.T @ b / a.shape[0]
     diagonal = torch.diagonal(c)
     on = (1.0 - diagonal).square().sum()
     off = c.square().sum() - diagonal.square().sum()

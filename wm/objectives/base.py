@@ -82,8 +82,9 @@ class Objective(nn.Module):
         """Unscaled scalar loss terms, by name."""
         return {}
 
-    def after_update(self) -> None:
-        """Called after every optimiser step (EMA teachers)."""
+    def after_update(self, taken: torch.Tensor) -> None:
+        """Called after every optimiser step (EMA teachers); `taken` (a 0-d bool tensor) is
+        false when the update was skipped, and the teachers must then keep their values."""
 
     def describe(self) -> dict:
         """{'class_path', 'init_args'}: how to rebuild this objective (saved in checkpoints)."""

@@ -97,6 +97,6 @@ class MuDreamer(Objective):
             losses.update({f"recon_{k}": v for k, v in recon.items()})
         return losses
 
-    def after_update(self) -> None:
+    def after_update(self, taken: torch.Tensor) -> None:
         if self.value_head:
-            ema_update_(self.teacher, self.value, self.teacher_rate)
+            ema_update_(self.teacher, self.value, self.teacher_rate, taken)
