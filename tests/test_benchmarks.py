@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--model.size", "size1M", "--data.batch_size", "2", "--data.sequence_length", "8", "--data.capacity", "1000",
          "--env.num_envs", "1", "--env.prefill", "16", "--env.train_ratio", "16", "--env.total_steps", "40",
          "--env.eval_episodes", "0", "--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--model.compile", "false"]  # the configs compile the update: minutes per graph; tests/test_compile.py covers it
 
 
 @pytest.mark.parametrize(
