@@ -203,7 +203,8 @@ def test_refused_and_read_only_commands_leave_a_finished_run_alone(tmp_path):
                                 cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode != 0, result.stderr[-2000:]
     # A damaged replay file: the resume is refused before the run is touched.
-    chunk = next((run_dir / "checkpoints/replay/rank0/chunks").glob("*.chunk"))
+    # the newest chunk (names are <start>-<end>-<hash>, zero-padded): one that last.ckpt's replay reads
+    chunk = max((run_dir / "checkpoints/replay/rank0/chunks").glob("*.chunk"))
     files[chunk] = chunk.read_bytes()[:-5]
     chunk.write_bytes(files[chunk])
     result = subprocess.run([sys.executable, "-m", "wm", "fit", *TINY, "--run.root", str(tmp_path),
