@@ -9,6 +9,7 @@ The environment's spaces reach the model by argument linking: nobody types shape
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from mlflow import MlflowClient
 
 from callbacks.checkpoint import LAST, AtomicCheckpointIO, EnvStepCheckpoint
 from callbacks.env_loop import EnvLoop
@@ -25,7 +27,7 @@ from callbacks.interrupt import Interrupt, interrupt_signal
 from datamodules import ReplayDataModule, ReplayFileError, ReplayStore
 from datamodules.replay_buffer import buffer_config
 from wm.agent import Agent
-from wm.files import atomic_write
+from wm.files import atomic_write, fsync_dir, temporary_sibling
 from wm.logger import EnvStepMLFlowLogger
 from wm.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from wm.validation import ConfigError, check_config, precision_fallback
@@ -62,6 +64,20 @@ def default_run_name(config) -> str:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed here: missing, damaged, or of another model or replay."""
+
+
+def create_store(db: Path) -> None:
+    """Create the run's sqlite MLflow store whole or not at all: its tables are made in a
+    temporary file that is fsynced and renamed into place, so that a kill while they are made
+    leaves no half-made store (whose next opening fails with "table ... already exists")."""
+    if db.exists():
+        return
+    temporary = temporary_sibling(db)
+    MlflowClient(f"sqlite:///{temporary}").search_experiments()  # creates the schema
+    with open(temporary, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(temporary, db)
+    fsync_dir(db.parent)
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -151,6 +167,8 @@ class WMCLI(LightningCLI):
             # validate/test/predict only read a run: without one there is nothing to log into.
             return super().instantiate_trainer(logger=False, **kwargs)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not config.run.tracking_uri and rank_zero_only.rank == 0:
+            create_store(run_dir / "mlflow.db")
         # One MLflow run per run folder: a resume, a restart before the first checkpoint and a
         # read-only command all use the run recorded in the folder.
         resuming = run_id_file.exists()
