@@ -1,4 +1,5 @@
-"""Sweeps: expansion into runs, the SLURM script, and a real local sweep into one experiment."""
+"""Sweeps: expansion into runs, the SLURM script, and a real local sweep into one experiment,
+which the report tool then reads."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from wm import report
 from wm.sweep import main, slurm_script, sweep_commands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,3 +60,10 @@ def test_local_sweep_fills_one_experiment(tmp_path):
     assert main(["--config", str(QUICK), "--objectives", "barlow", "--seeds", "3", "--root", str(root), "--", *TINY]) == 0
     runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    # The report reads the sweep's runs: one row per objective, toy-catch normalised, a report run.
+    made = report.make_report(f"sqlite:///{root / 'mlflow.db'}", "quickstart", tmp_path / "report", reps=200)
+    assert [(row["task"], row["objective"], row["seeds"]) for row in made.rows] == [("toy-catch", "barlow", 1), ("toy-catch", "none", 1)]
+    returns = {r.info.run_name: client.get_metric_history(r.info.run_id, "eval/return")[-1].value for r in runs}
+    assert [row["return_mean"] for row in made.rows] == [returns["toy-catch-barlow-s3"], returns["toy-catch-none-s3"]]
+    assert made.aggregates.tasks == ["toy-catch"] and (tmp_path / "report" / "curves.png").is_file()
+    assert client.get_run(made.run_id).data.tags[report.REPORT_TAG] == "1"

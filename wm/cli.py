@@ -29,7 +29,7 @@ from datamodules.replay_buffer import buffer_config
 from wm.agent import Agent
 from wm.files import atomic_write, fsync_dir, temporary_sibling
 from wm.logger import EnvStepMLFlowLogger
-from wm.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+from wm.objectives import objective_name
 from wm.validation import ConfigError, check_config, precision_fallback
 
 
@@ -54,11 +54,7 @@ class RunConfig:
 def default_run_name(config) -> str:
     """"<task>-<objective>-s<seed>": the task names the suite (benchmark) too."""
     objective = config.model.objective
-    if not objective:
-        short = DEFAULT_OBJECTIVE
-    else:
-        class_name = objective.class_path.rsplit(".", 1)[-1]
-        short = {cls.__name__: name for name, cls in OBJECTIVES.items()}.get(class_name, class_name.lower())
+    short = objective_name(objective.class_path if objective else None)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{config.env.task}-{short}-s{config.seed_everything}")
 
 

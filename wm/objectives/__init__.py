@@ -14,6 +14,15 @@ OBJECTIVES = {"barlow": Barlow, "reconstruction": Reconstruction, "mudreamer": M
 DEFAULT_OBJECTIVE = "barlow"  # R2-Dreamer's; used when a config or an Agent names none
 
 
+def objective_name(class_path: str | None) -> str:
+    """The short name of an objective's class path ("wm.objectives.Barlow" -> "barlow"); a class of
+    another package gets its lower-cased class name, and none the default."""
+    if not class_path:
+        return DEFAULT_OBJECTIVE
+    class_name = class_path.rsplit(".", 1)[-1]
+    return {cls.__name__: name for name, cls in OBJECTIVES.items()}.get(class_name, class_name.lower())
+
+
 def make_objective(name: str, **kwargs) -> Objective:
     """Objective by its short name (barlow, reconstruction, mudreamer, none)."""
     try:
@@ -22,4 +31,4 @@ def make_objective(name: str, **kwargs) -> Objective:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}") from None
 
 
-__all__ = ["Barlow", "DEFAULT_OBJECTIVE", "ModelDims", "MuDreamer", "NoObjective", "OBJECTIVES", "Objective", "ObjectiveInputs", "Reconstruction", "make_objective"]
+__all__ = ["Barlow", "DEFAULT_OBJECTIVE", "ModelDims", "MuDreamer", "NoObjective", "OBJECTIVES", "Objective", "ObjectiveInputs", "Reconstruction", "make_objective", "objective_name"]

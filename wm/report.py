@@ -1,0 +1,330 @@
+"""`python -m wm.report --experiment NAME --out DIR`: a sweep's results as a paper shows them.
+
+Reads every training run of one MLflow experiment (tasks x objectives x seeds, as `wm.sweep`
+makes them) and writes into `--out`, and as artifacts of a report run in the same store:
+- `curves.png`: per task, the greedy eval return against env frames, mean and 95% Student-t
+  interval over seeds per objective, with DreamerV3's published curve where the task has one;
+- `final.csv`: each run's final eval return (and success rate) and its normalised score;
+- `aggregates.csv`, `aggregates.png`: mean, median, interquartile mean (IQM) and optimality gap of
+  the normalised final scores per objective, with 95% stratified-bootstrap intervals, and
+  `profiles.png`, the performance profiles, both computed by `rliable`;
+- `report.md`: the tables above, the normalisation used and the command that made it.
+
+Normalised scores: human-normalised for Atari, return / 1000 for DMC suites, the success rate for
+Meta-World, the return range for the toy tasks (`wm.reference.normalized_score`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+import numpy as np  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from rliable import library as rly  # noqa: E402
+from rliable import metrics, plot_utils  # noqa: E402
+
+from wm.objectives import objective_name  # noqa: E402
+from wm.reference import REFERENCE_METHOD, Curve, normalized_score, reference_at, reference_curve, t_interval  # noqa: E402
+
+REPORT_TAG = "wm.report"  # marks the report runs, which the next report skips
+AGGREGATES = ("mean", "median", "IQM", "optimality gap")
+
+
+@dataclass
+class RunResult:
+    """The eval history of one training run."""
+
+    name: str
+    task: str
+    objective: str
+    seed: int
+    steps: np.ndarray  # env frames of each evaluation
+    returns: np.ndarray  # mean greedy return of each evaluation
+    successes: np.ndarray  # mean success of each evaluation (0 where a task has no success signal)
+
+    @property
+    def final_return(self) -> float:
+        return float(self.returns[-1])
+
+    @property
+    def final_score(self) -> float | None:
+        """The final evaluation on the task's common scale (Meta-World: its success rate)."""
+        value = self.successes[-1] if self.task.startswith("metaworld-") else self.returns[-1]
+        return normalized_score(self.task, float(value))
+
+
+@dataclass
+class Aggregates:
+    """rliable's aggregate metrics of the normalised final scores, per objective."""
+
+    tasks: list[str]
+    seeds: int  # runs per task and objective that entered (the smallest count over the cells)
+    points: dict[str, np.ndarray]  # objective -> one value per AGGREGATES
+    intervals: dict[str, np.ndarray]  # objective -> (2, len(AGGREGATES)): lower and upper bounds
+    scores: dict[str, np.ndarray]  # objective -> (seeds, tasks) normalised final scores
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    steps, values = zip(*points) if points else ((), ())
+    return np.asarray(steps, float), np.asarray(values, float)
+
+
+def load_runs(client: MlflowClient, experiment: str, metric: str = "eval/return") -> list[RunResult]:
+    """Every training run of `experiment` with at least one evaluation, oldest first."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ValueError(f"--experiment {experiment!r}: no such experiment in this store; it has {names}")
+    results = []
+    for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"], max_results=50_000):
+        params = run.data.params
+        if REPORT_TAG in run.data.tags or "env.task" not in params:
+            continue
+        steps, returns = history(client, run.info.run_id, metric)
+        if not len(steps):
+            continue
+        success_steps, successes = history(client, run.info.run_id, "eval/success")
+        successes = np.interp(steps, success_steps, successes) if len(success_steps) else np.zeros_like(returns)
+        results.append(RunResult(run.info.run_name, params["env.task"], objective_name(params.get("model.objective.class_path")),
+                                 int(params.get("seed_everything", 0)), steps, returns, successes))
+    return results
+
+
+def group(results: list[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
+    """(task, objective) -> its runs, ordered by seed."""
+    cells: dict[tuple[str, str], list[RunResult]] = {}
+    for result in sorted(results, key=lambda r: (r.task, r.objective, r.seed)):
+        cells.setdefault((result.task, result.objective), []).append(result)
+    return cells
+
+
+def seed_curve(runs: list[RunResult]) -> Curve:
+    """Mean and interval over seeds on the union of their eval frames; a seed counts only where it
+    has data (interpolated between its own evaluations, never extrapolated)."""
+    steps = np.unique(np.concatenate([r.steps for r in runs]))
+    per_seed = np.stack([np.where((steps >= r.steps[0]) & (steps <= r.steps[-1]), np.interp(steps, r.steps, r.returns), np.nan)
+                         for r in runs])
+    mean, low, high = t_interval(per_seed)
+    return Curve(steps, mean, low, high, len(runs))
+
+
+def aggregate(results: list[RunResult], reps: int = 2000, seed: int = 0) -> Aggregates | None:
+    """Mean, median, IQM and optimality gap of the normalised final scores with stratified-bootstrap
+    95% intervals (rliable), over the tasks that every objective ran and that have a known scale.
+    Each cell enters with its lowest seeds, as many as the smallest cell has. None if nothing can."""
+    cells = group([r for r in results if r.final_score is not None])
+    objectives = sorted({objective for _, objective in cells})
+    tasks = sorted(task for task in {task for task, _ in cells} if all((task, o) in cells for o in objectives))
+    if not tasks:
+        return None
+    seeds = min(len(cells[task, o]) for task in tasks for o in objectives)
+    scores = {o: np.array([[cells[task, o][i].final_score for task in tasks] for i in range(seeds)]) for o in objectives}
+
+    def all_aggregates(x: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_mean(x), metrics.aggregate_median(x), metrics.aggregate_iqm(x),
+                         metrics.aggregate_optimality_gap(x)])
+
+    points, intervals = rly.get_interval_estimates(scores, all_aggregates, reps=reps,
+                                                   random_state=np.random.RandomState(seed))
+    return Aggregates(tasks, seeds, points, intervals, scores)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None or np.isnan(value) else f"{value:.{digits}f}"
+
+
+def final_rows(results: list[RunResult]) -> list[dict]:
+    """One row per (task, objective): final return over seeds, normalised score, reference."""
+    rows = []
+    for (task, objective), runs in group(results).items():
+        finals = np.array([r.final_return for r in runs])
+        mean, low, high = t_interval(finals)
+        frames = float(np.median([r.steps[-1] for r in runs]))
+        normalised = [r.final_score for r in runs]
+        rows.append({
+            "task": task, "objective": objective, "seeds": len(runs), "frames": int(frames),
+            "return_mean": float(mean), "return_ci_low": float(low), "return_ci_high": float(high),
+            "success_mean": float(np.mean([r.successes[-1] for r in runs])),
+            "normalised_mean": None if None in normalised else float(np.mean(normalised)),
+            "dreamerv3_at_frames": reference_at(task, frames),
+        })
+    return rows
+
+
+def plot_curves(results: list[RunResult], path: Path) -> dict[str, dict[str, Curve]]:
+    """One panel per task: every objective's curve, and DreamerV3's where published. Returns the
+    curves drawn, per task and label."""
+    cells = group(results)
+    tasks = sorted({task for task, _ in cells})
+    columns = min(4, len(tasks))
+    rows = -(-len(tasks) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
+    drawn: dict[str, dict[str, Curve]] = {}
+    for ax, task in zip(axes.flat, tasks):
+        curves = {objective: seed_curve(runs) for (t, objective), runs in cells.items() if t == task}
+        end = max(curve.steps[-1] for curve in curves.values())
+        reference = reference_curve(task)
+        if reference is not None:
+            keep = reference.steps <= max(end * 1.05, reference.steps[0])
+            curves[REFERENCE_METHOD] = Curve(reference.steps[keep], reference.mean[keep], reference.low[keep],
+                                             reference.high[keep], reference.seeds)
+        for label, curve in curves.items():
+            style = {"color": "black", "linestyle": "--"} if label == REFERENCE_METHOD else {}
+            line, = ax.plot(curve.steps, curve.mean, label=f"{label} ({curve.seeds} seeds)", **style)
+            ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(task)
+        ax.set_xlabel("env frames")
+        ax.set_ylabel("eval return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        drawn[task] = curves
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return drawn
+
+
+def plot_aggregates(aggregates: Aggregates, folder: Path, reps: int) -> None:
+    objectives = list(aggregates.points)
+    figure, _ = plot_utils.plot_interval_estimates(aggregates.points, aggregates.intervals, metric_names=list(AGGREGATES),
+                                                   algorithms=objectives, xlabel="normalised score",
+                                                   row_height=0.7, xlabel_y_coordinate=-0.6 / len(objectives))
+    figure.savefig(folder / "aggregates.png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    taus = np.linspace(0.0, max(1.0, max(s.max() for s in aggregates.scores.values())), 81)
+    profiles, profile_intervals = rly.create_performance_profile(aggregates.scores, taus, reps=reps)
+    figure, ax = plt.subplots(figsize=(6, 4))
+    colors = dict(zip(objectives, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    plot_utils.plot_performance_profiles(profiles, taus, performance_profile_cis=profile_intervals, colors=colors,
+                                         xlabel=r"normalised score $\tau$", ax=ax)
+    ax.legend([Line2D([], [], color=colors[o]) for o in objectives], objectives)
+    figure.savefig(folder / "profiles.png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown(experiment: str, command: str, results: list[RunResult], rows: list[dict], aggregates: Aggregates | None,
+             reps: int) -> str:
+    lines = [f"# Report: experiment `{experiment}`", "",
+             f"{len(results)} runs, made by `{command}`.", "",
+             "## Final greedy eval return", "",
+             "Mean over seeds [95% Student-t interval] at the last evaluation; normalised as below; DreamerV3: its "
+             "published mean at the same env frames (+-20k), where it has the task.", "",
+             "| task | objective | seeds | env frames | return | normalised | DreamerV3 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        interval = f" [{fmt(row['return_ci_low'])}, {fmt(row['return_ci_high'])}]" if row["seeds"] > 1 else ""
+        lines.append(f"| {row['task']} | {row['objective']} | {row['seeds']} | {row['frames']} | "
+                     f"{fmt(row['return_mean'])}{interval} | {fmt(row['normalised_mean'], 3)} | "
+                     f"{fmt(row['dreamerv3_at_frames'])} |")
+    lines += ["", "![learning curves](curves.png)", ""]
+    if aggregates is None:
+        lines += ["No aggregate: no task with a known score scale was run by every objective.", ""]
+    else:
+        lines += ["## Aggregate normalised score", "",
+                  f"Over {len(aggregates.tasks)} tasks ({', '.join(aggregates.tasks)}), {aggregates.seeds} runs each; "
+                  f"point estimates and 95% stratified-bootstrap intervals ({reps} resamples), computed by rliable. "
+                  "Optimality gap: lower is better.", "",
+                  "| objective | " + " | ".join(AGGREGATES) + " |", "| --- |" + " --- |" * len(AGGREGATES)]
+        for objective, point in aggregates.points.items():
+            low, high = aggregates.intervals[objective]
+            cells = [f"{p:.3f} [{lo:.3f}, {hi:.3f}]" for p, lo, hi in zip(point, low, high)]
+            lines.append(f"| {objective} | " + " | ".join(cells) + " |")
+        lines += ["", "![aggregates](aggregates.png)", "", "![performance profiles](profiles.png)", ""]
+    lines += ["Normalisation: Atari human-normalised ((return - random) / (human - random)); DMC suites return / 1000; "
+              "Meta-World the success rate; toy-catch (return + 1) / 2; toy-point_reach return / 200.", ""]
+    return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """What `make_report` wrote, for callers that go on with it (notebooks, tests)."""
+
+    results: list[RunResult]
+    rows: list[dict]
+    curves: dict[str, dict[str, Curve]]
+    aggregates: Aggregates | None
+    run_id: str | None
+
+
+def make_report(tracking_uri: str, experiment: str, out: Path, reps: int = 2000, log: bool = True,
+                command: str = "python -m wm.report") -> Report:
+    """Writes the report files into `out` and, with `log`, into a new report run of the experiment."""
+    client = MlflowClient(tracking_uri)
+    results = load_runs(client, experiment)
+    if not results:
+        raise ValueError(f"--experiment {experiment!r} has no run with an evaluation (eval/return) yet")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = final_rows(results)
+    curves = plot_curves(results, out / "curves.png")
+    aggregates = aggregate(results, reps)
+    write_csv(out / "final.csv", rows)
+    write_csv(out / "runs.csv", [{"run": r.name, "task": r.task, "objective": r.objective, "seed": r.seed,
+                                  "frames": int(r.steps[-1]), "final_return": r.final_return,
+                                  "final_success": float(r.successes[-1]), "normalised": r.final_score} for r in results])
+    if aggregates is not None:
+        write_csv(out / "aggregates.csv", [
+            {"objective": o, "aggregate": name, "value": float(p), "ci_low": float(lo), "ci_high": float(hi)}
+            for o, point in aggregates.points.items()
+            for name, p, lo, hi in zip(AGGREGATES, point, *aggregates.intervals[o])])
+        plot_aggregates(aggregates, out, reps)
+    (out / "report.md").write_text(markdown(experiment, command, results, rows, aggregates, reps))
+    run_id = None
+    if log:
+        experiment_id = client.get_experiment_by_name(experiment).experiment_id
+        run = client.create_run(experiment_id, run_name="report", tags={REPORT_TAG: "1"})
+        run_id = run.info.run_id
+        client.log_artifacts(run_id, str(out), "report")
+        client.set_terminated(run_id, "FINISHED")
+    return Report(results, rows, curves, aggregates, run_id)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m wm.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (the config's run.experiment)")
+    parser.add_argument("--tracking-uri", default="", help="its store (default: sqlite:///runs/<experiment>/mlflow.db, "
+                                                             "where wm.sweep puts it)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the report files")
+    parser.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the intervals")
+    parser.add_argument("--no-log", action="store_true", help="write the files only, no report run in the store")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    uri = args.tracking_uri or f"sqlite:///{Path('runs', args.experiment, 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        print(f"error: --tracking-uri {uri}: no such MLflow store; pass the sweep's --tracking-uri", file=sys.stderr)
+        return 2
+    command = shlex.join(["python", "-m", "wm.report", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        report = make_report(uri, args.experiment, args.out, args.reps, log=not args.no_log, command=command)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((args.out / "report.md").read_text())
+    print(f"wrote {args.out}" + (f"; logged as run {report.run_id} of experiment {args.experiment!r}" if report.run_id else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
