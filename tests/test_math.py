@@ -24,7 +24,7 @@ from wm.distributions import (
     symexp_bins,
     unimix_logits,
 )
-from wm.nets import BlockLinear, RMSNorm, init_fan_in_, symexp, symlog
+from wm.nets import BlockLinear, MaxPool2x2, RMSNorm, _MaxPool2x2, init_fan_in_, symexp, symlog
 from wm.objectives.barlow import barlow_twins_loss
 from wm.objectives.mudreamer import action_nll
 from wm.optim import LaProp
@@ -756,3 +756,23 @@ def test_sensitive_ops_stay_float32_under_bf16_autocast():
             mixed = call()
         assert mixed.dtype == torch.float32, name
         torch.testing.assert_close(mixed, plain, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_pointwise_max_pool_equals_max_pool2d_with_ties(compiled):
+    """Values and gradients of the compiler's 2x2 max-pool against max_pool2d on a map full of
+    ties (integers 0..2), channels-last like the encoder's: the gradient goes to the first maximum
+    of each window in scan order, and nowhere else."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (3, 5, 8, 6), generator=generator).float().contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, 5, 4, 3, generator=generator)
+    expected_x = x.clone().requires_grad_()
+    torch.nn.functional.max_pool2d(expected_x, 2).backward(grad)
+    pool = torch.compile(MaxPool2x2(), fullgraph=True) if compiled else _MaxPool2x2.apply
+    actual_x = x.clone().requires_grad_()
+    out = pool(actual_x)
+    out.backward(grad)
+    torch.testing.assert_close(out, torch.nn.functional.max_pool2d(x, 2), rtol=0, atol=0)
+    torch.testing.assert_close(actual_x.grad, expected_x.grad, rtol=0, atol=0)
+    windows = x.unflatten(3, (3, 2)).unflatten(2, (4, 2)).permute(0, 1, 2, 4, 3, 5).flatten(-2)
+    assert (windows == windows.amax(-1, keepdim=True)).sum(-1).max() > 1  # the map has ties

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from wm.nets import MLP, ChannelNorm, Conv2d, symlog
+from wm.nets import MLP, ChannelNorm, Conv2d, MaxPool2x2, symlog
 
 STAGE_MULTIPLIERS = (2, 3, 4, 4)  # conv channels = depth x these, one 2x2 pool per stage
 
@@ -58,7 +58,7 @@ class ConvEncoder(nn.Module):
         height, width, channels = shape
         layers: list[nn.Module] = []
         for mult in STAGE_MULTIPLIERS:
-            layers += [Conv2d(channels, depth * mult), nn.MaxPool2d(2), ChannelNorm(depth * mult, norm), nn.SiLU()]
+            layers += [Conv2d(channels, depth * mult), MaxPool2x2(), ChannelNorm(depth * mult, norm), nn.SiLU()]
             channels = depth * mult
         self.net = nn.Sequential(*layers)
         stride = 2 ** len(STAGE_MULTIPLIERS)
