@@ -2,7 +2,9 @@
 
 Random prefill first, then after every update as many environment steps as the train ratio asks
 (docs/algorithm.md §1 "Data"), acting with the agent's policy. Episode returns, lengths and success are
-logged; counters live in `state_dict` so a resumed run continues its step count.
+logged; counters live in `state_dict` so a resumed run continues its step count. Greedy
+evaluations (callbacks/evaluation.py) run during training and, for `python -m wm test`, as the
+test loop's batches, logged at the env frames of the checkpoint under test.
 
 Its phases are timed for `python -m wm.bench fit` (wm.profiling.phase, free unless a benchmark
 records): "env" (stepping the envs and storing the steps), "act" (the policy's actions for the
@@ -11,18 +13,20 @@ envs), "eval" (evaluations during training) and "logging".
 
 from __future__ import annotations
 
+import csv
+import io
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
-import imageio.v2 as imageio
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
+from callbacks.evaluation import Episode, EpisodeStats, play_episodes, side_by_side, write_mp4
 from callbacks.interrupt import interrupt_signal
 from datamodules.replay_store import new_save_id
 from wm.envs import make_env, make_vector_env
@@ -37,30 +41,6 @@ class EnvSpec:
     observation_shapes: dict[str, tuple[int, ...]]
     action_dim: int
     discrete: bool
-
-
-class EpisodeStats:
-    """Return, length and success of each env's running episode, under NEXT_STEP autoreset (the
-    step after an episode's end only resets, so its reward is not the episode's)."""
-
-    def __init__(self, num_envs: int):
-        self.total, self.length, self.success = np.zeros(num_envs), np.zeros(num_envs, int), np.zeros(num_envs, bool)
-
-    def step(self, reward, first, done, info) -> list[tuple[int, tuple[float, int, bool] | None]]:
-        """Add one vector step; returns (env, (return, length, success)) for each episode that
-        ended with it, with None for one a restart of its worker cut short (no real episode)."""
-        live = ~first
-        self.total += np.where(live, reward, 0.0)
-        self.length += live
-        if "success" in info:
-            self.success |= np.asarray(info["success"], bool) & live
-        restarted = np.broadcast_to(np.asarray(info.get("restarted", False), bool), live.shape)
-        ended = []
-        for i in np.flatnonzero(done & live):
-            episode = (float(self.total[i]), int(self.length[i]), bool(self.success[i]))
-            ended.append((int(i), None if restarted[i] else episode))
-            self.total[i], self.length[i], self.success[i] = 0.0, 0, False
-        return ended
 
 
 def env_spec(env: gym.Env) -> EnvSpec:
@@ -86,7 +66,8 @@ class EnvLoop(L.Callback):
             so one update is followed by B * T / train_ratio agent steps, whatever num_envs
             (the envs step together, once every num_envs * train_ratio / (B * T) updates).
         eval_every: environment frames between greedy evaluations (0: only at the end).
-        eval_episodes: episodes per evaluation.
+        eval_episodes: episodes per evaluation (and of `python -m wm test`).
+        eval_videos: evaluation episodes recorded side by side in an mp4 artifact (0: no video).
         seed: environment seed; rank r of a multi-process run uses seed + 1000 r.
         video_dir: background videos of dmc_distracting tasks (train/ and eval/ sub-folders);
             none: the built-in procedural backgrounds.
@@ -103,13 +84,15 @@ class EnvLoop(L.Callback):
         train_ratio: float = 512.0,
         eval_every: int = 0,
         eval_episodes: int = 10,
+        eval_videos: int = 4,
         seed: int = 0,
         video_dir: str | None = None,
     ):
         super().__init__()
         self.task, self.num_envs, self.action_repeat, self.time_limit = task, num_envs, action_repeat, time_limit
         self.total_steps, self.prefill, self.train_ratio = total_steps, prefill, train_ratio
-        self.eval_every, self.eval_episodes, self.seed, self.video_dir = eval_every, eval_episodes, seed, video_dir
+        self.eval_every, self.eval_episodes, self.eval_videos = eval_every, eval_episodes, eval_videos
+        self.seed, self.video_dir = seed, video_dir
         probe = self._make_env(seed)
         self.spec = env_spec(probe)
         probe.close()
@@ -128,6 +111,7 @@ class EnvLoop(L.Callback):
         self.restored: dict | None = None  # counters and RNG states of the checkpoint resumed from
         self.restored_replay: dict | None = None  # the replay that checkpoint covers
         self.last_eval_at = -1  # env frames at the last evaluation
+        self.tested: list[Episode] = []  # the episodes of `python -m wm test`
         # Whether on_train_end evaluates; the fit benchmark, which stops a run early, turns it off.
         self.final_eval = True
 
@@ -180,9 +164,19 @@ class EnvLoop(L.Callback):
             self.rng.bit_generator.state = state["numpy_rng"]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.rank_seed = self.seed + 1000 * trainer.global_rank
+        if stage == "test":
+            # Results are logged at the env frames of the checkpoint under test, which the test
+            # loop (unlike a resumed fit) does not restore into the callbacks.
+            if trainer.ckpt_path:
+                state = torch.load(trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=True)["callbacks"]
+                self.env_steps, self.episodes = state[self.state_key]["env_steps"], state[self.state_key]["episodes"]
+            for logger in trainer.loggers:
+                if isinstance(logger, EnvStepMLFlowLogger):
+                    logger.env_steps = self.env_steps
+            trainer.datamodule.provide_test_episodes(lambda: self._test_episodes(trainer, pl_module))
         if stage != "fit":
             return
-        self.rank_seed = self.seed + 1000 * trainer.global_rank
         size = pl_module.world_model.size
         trainer.datamodule.create_buffer(
             self.num_envs, self.spec.observation_shapes, self.spec.action_dim, (size.deter, size.stoch, size.classes)
@@ -302,54 +296,69 @@ class EnvLoop(L.Callback):
         )
 
     # ------------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
-        """`eval_episodes` greedy episodes on up to `num_envs` parallel eval envs (restarted like
-        the training envs; an episode cut short by a restart is run again). Logs and returns the
-        mean return; None, and nothing logged, if a stop signal cut it short."""
+    def _eval_envs(self) -> gym.vector.VectorEnv:
+        """Up to `num_envs` parallel evaluation envs (the eval split of video backgrounds), made
+        once and restarted like the training envs."""
         if self.eval_envs is None:
             self.eval_envs = make_vector_env(
                 self.task, min(self.eval_episodes, self.num_envs), self.action_repeat, time_limit=self.time_limit,
                 autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP, video_dir=self.video_dir, split="eval",
             )
-        envs, n = self.eval_envs, self.eval_envs.num_envs
-        obs, _ = envs.reset(seed=self.rank_seed + 10**6 + self.episodes)
-        first, done, state = np.ones(n, bool), np.zeros(n, bool), None
-        running = np.arange(n) < self.eval_episodes  # whether env i's current episode counts
-        started = int(running.sum())
-        stats = EpisodeStats(n)
-        episodes, frames, recording = [], [], True  # (return, length, success); env 0's first episode
-        while len(episodes) < self.eval_episodes:
-            if interrupt_signal(trainer) is not None:
-                return None
-            if recording and "image" in obs:
-                frames.append(obs["image"][0])
+        return self.eval_envs
+
+    def _greedy_episodes(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """`eval_episodes` greedy episodes, yielded as they finish; fewer if a stop signal came."""
+        def act(obs, first, state):
             action, state = self._act(pl_module, obs, first, state, "greedy")
-            obs, reward, terminated, truncated, info = envs.step(self._to_env(action))
-            first, done = done, terminated | truncated  # NEXT_STEP: the step after an end resets
-            for i in np.flatnonzero(first):
-                running[i] = started < self.eval_episodes
-                started += running[i]
-            for i, episode in stats.step(reward, first, done, info):
-                if not running[i]:
-                    continue
-                if episode is None:  # cut short by a restart of its worker: run it again
-                    started -= 1
-                else:
-                    episodes.append(episode)
-                recording &= i != 0
-                running[i] = False
-        returns, lengths, successes = map(np.asarray, zip(*episodes))
-        self._log_video(trainer, frames)
+            return self._to_env(action), state
+
+        with torch.no_grad():
+            yield from play_episodes(self._eval_envs(), act, self.eval_episodes, self.rank_seed + 10**6 + self.episodes,
+                                     record=self.eval_videos, stop=lambda: interrupt_signal(trainer) is not None)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
+        """`eval_episodes` greedy episodes on parallel eval envs: logs eval/* and the video, and
+        returns the mean return; None, and nothing logged, if a stop signal cut it short."""
+        episodes = list(self._greedy_episodes(trainer, pl_module))
+        if len(episodes) < self.eval_episodes:
+            return None
+        returns = np.array([e.ret for e in episodes])
         self.last_eval_return = float(returns.mean())
         self.last_eval_at = self.env_steps
         self._log_to_loggers(trainer, {
             "eval/return": self.last_eval_return,
             "eval/return_std": float(returns.std()),
-            "eval/length": float(lengths.mean()),
-            "eval/success": float(successes.mean()),
+            "eval/length": float(np.mean([e.length for e in episodes])),
+            "eval/success": float(np.mean([e.success for e in episodes])),
         })
+        self._log_video(trainer, episodes, "eval")
         return self.last_eval_return
+
+    # ------------------------------------------------------------------ `python -m wm test`
+    def _test_episodes(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """The test loop's batches: greedy episodes, kept for `on_test_epoch_end`."""
+        self.tested: list[Episode] = []
+        for episode in self._greedy_episodes(trainer, pl_module):
+            self.tested.append(episode)
+            yield episode
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """What the per-episode means of the agent's test_step leave out: the spread over episodes,
+        every episode's result (a CSV artifact) and the video."""
+        if not self.tested:
+            return
+        returns = np.array([e.ret for e in self.tested])
+        self._log_to_loggers(trainer, {"test/return_std": float(returns.std()), "test/episodes": float(len(returns))})
+        table = io.StringIO()
+        writer = csv.writer(table)
+        writer.writerow(["episode", "return", "length", "success"])
+        writer.writerows([i, e.ret, e.length, int(e.success)] for i, e in enumerate(self.tested))
+        for logger in self._mlflow_loggers(trainer):
+            logger.experiment.log_text(logger.run_id, table.getvalue(), f"test/episodes_{self.env_steps:09d}.csv")
+        self._log_video(trainer, self.tested, "test")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.close()
 
     # --------------------------------------------------------------------------- logging
     def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
@@ -361,14 +370,19 @@ class EnvLoop(L.Callback):
             if trainer.is_global_zero:
                 logger.log_metrics(metrics, step=self.env_steps)
 
-    def _log_video(self, trainer: L.Trainer, frames: list[np.ndarray]) -> None:
-        """The first evaluation episode as a GIF artifact, `videos/eval_<env frames>.gif`."""
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
-        if not frames or not loggers or not trainer.is_global_zero:
+    @staticmethod
+    def _mlflow_loggers(trainer: L.Trainer) -> list[MLFlowLogger]:
+        return [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)] if trainer.is_global_zero else []
+
+    def _log_video(self, trainer: L.Trainer, episodes: list[Episode], prefix: str) -> None:
+        """The recorded episodes side by side, enlarged, as `videos/<prefix>_<env frames>.mp4`."""
+        recorded = [e.frames for e in episodes if e.frames]
+        loggers = self._mlflow_loggers(trainer)
+        if not recorded or not loggers:
             return
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / f"eval_{self.env_steps:09d}.gif"
-            imageio.mimsave(path, frames, duration=50, loop=0)
+            path = Path(folder) / f"{prefix}_{self.env_steps:09d}.mp4"
+            write_mp4(path, side_by_side(recorded), fps=max(1, round(50 / self.action_repeat)))
             for logger in loggers:
                 logger.experiment.log_artifact(logger.run_id, str(path), "videos")
 

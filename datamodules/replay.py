@@ -11,7 +11,7 @@ buffer is on the CPU and nothing is copied.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,16 @@ class ReplaySequences(IterableDataset):
             self.unsettled.popleft()
 
 
+class TestEpisodes(IterableDataset):
+    """The evaluation episodes of `test`, one per batch, played when the test loop asks for them."""
+
+    def __init__(self, episodes: Callable[[], Iterator[Any]]):
+        self.episodes = episodes
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.episodes()
+
+
 class ReplayDataModule(L.LightningDataModule):
     """Replayed (B, T) sequences for the agent. It knows no environment: the environment
     callback calls `create_buffer` once the spaces are known and adds steps to `buffer`, calls
@@ -133,6 +143,7 @@ class ReplayDataModule(L.LightningDataModule):
         self.generator = torch.Generator().manual_seed(seed)
         self._rank_seeded = False
         self.pin_memory = False  # batches gathered into pinned memory: a CPU buffer for a CUDA model
+        self.test_episodes: Callable[[], Iterator[Any]] | None = None
 
     def create_buffer(
         self,
@@ -177,10 +188,22 @@ class ReplayDataModule(L.LightningDataModule):
         self.sequences = ReplaySequences(self)
         return DataLoader(self.sequences, batch_size=None, num_workers=0)
 
-    def transfer_batch_to_device(self, batch: Mapping[str, Any], device: torch.device, dataloader_idx: int) -> dict:
+    def provide_test_episodes(self, episodes: Callable[[], Iterator[Any]]) -> None:
+        """What `test` iterates over: evaluation episodes, which the environment callback plays
+        with the agent under test (`episodes()` starts them)."""
+        self.test_episodes = episodes
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_episodes is None:
+            raise RuntimeError("`test` plays evaluation episodes: it needs the environment callback (callbacks.EnvLoop)")
+        return DataLoader(TestEpisodes(self.test_episodes), batch_size=None, collate_fn=lambda episode: episode)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """The batch's tensors to the model's device (nothing to do for a buffer already there;
         non-blocking from pinned memory for a CPU buffer); `replay_index` stays on the buffer's
-        device, where the latents are written back."""
+        device, where the latents are written back. A test episode stays where it is."""
+        if not isinstance(batch, Mapping):
+            return batch
         with phase("replay"):
             moved = {k: v.to(device, non_blocking=device.type == "cuda") for k, v in batch.items() if k != "replay_index"}
         return {**moved, "replay_index": batch["replay_index"]}

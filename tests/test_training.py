@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import imageio.v2 as iio
+import imageio.v3 as iio
 import lightning as L
 import numpy as np
 import pytest
@@ -91,8 +91,9 @@ def test_fit_logs_a_run_that_mlflow_reads_back(tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "videos" in artifacts
     video = client.download_artifacts(run.info.run_id, "videos", str(tmp_path / "dl"))
-    gif = next(Path(video).glob("eval_*.gif"))
-    assert np.asarray(iio.mimread(gif)).shape[1:3] == (64, 64)
+    mp4 = next(Path(video).glob("eval_*.mp4"))  # the one eval episode, enlarged from 64 to 256 pixels
+    frames = iio.imread(mp4, plugin="pyav")
+    assert frames.shape[1:] == (256, 256, 3) and len(frames) >= 2
     config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "dl"))).read_text()
     assert "task: toy-catch" in config and "class_path: wm.objectives.Barlow" in config
     checkpoint = client.download_artifacts(run.info.run_id, "last/last.ckpt", str(tmp_path / "dl"))

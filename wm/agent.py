@@ -15,8 +15,10 @@ never waits and the update can be compiled whole (`compile`, `loss_function`).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import NamedTuple
 
 import lightning as L
@@ -122,6 +124,26 @@ class Agent(L.LightningModule):
         self.gradient_names: list[str] = []  # of the last update, for naming non-finite gradients
         self._compiled_losses = None
         self._batchnorms: list[nn.Module] | None = None  # found on the first `act` of a fit
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Agent:
+        """The agent a `wm` checkpoint holds, rebuilt from its saved hyperparameters (no config
+        needed) with its weights, ready for `act()`."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # not LightningCLI's
+        saved = hparams.pop("objective")
+        module, name = saved["class_path"].rsplit(".", 1)
+        agent = cls(
+            {key: tuple(shape) for key, shape in hparams.pop("observation_shapes").items()},
+            objective=getattr(importlib.import_module(module), name)(**saved["init_args"]),
+            world_model=WorldModelConfig(**hparams.pop("world_model")),
+            actor_critic=ActorCriticConfig(**hparams.pop("actor_critic")),
+            optimizer=OptimizerConfig(**hparams.pop("optimizer")),
+            **hparams,
+        )
+        agent.load_state_dict(checkpoint["state_dict"])
+        agent.on_load_checkpoint(checkpoint)
+        return agent.to(map_location)
 
     # ----------------------------------------------------------------------------- training
     def configure_optimizers(self):
@@ -265,6 +287,13 @@ class Agent(L.LightningModule):
         self.skipped_updates = checkpoint.get("skipped_updates", 0)
         self.consecutive_skips = 0
         self.stats = UpdateStats(self.skipped_updates)
+
+    # ------------------------------------------------------------------------------ testing
+    def test_step(self, episode, batch_idx: int) -> None:
+        """One greedy evaluation episode of `python -m wm test`, played by the environment callback:
+        the test loop averages its return, length and success over the episodes."""
+        for name, value in (("return", episode.ret), ("length", episode.length), ("success", episode.success)):
+            self.log(f"test/{name}", float(value), on_epoch=True, batch_size=1)
 
     # ------------------------------------------------------------------------------- acting
     def initial_state(self, batch: int) -> ActState:

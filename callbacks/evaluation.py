@@ -1,0 +1,107 @@
+"""Greedy evaluation episodes and their videos, shared by evaluations during a fit and `wm test`.
+
+Episodes run in parallel envs under NEXT_STEP autoreset; each env plays episodes until the wanted
+number has started, so no episode is biased towards the short ones that finish first. An episode
+that a restart of its worker cut short is played again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import imageio.v3 as iio
+import numpy as np
+
+VIDEO_SIZE = 256  # pixels: frames are enlarged to this height (nearest neighbour) so a person can see them
+
+
+@dataclass
+class Episode:
+    """One finished episode: its return, length, success, and its frames if it was recorded."""
+
+    ret: float
+    length: int
+    success: bool
+    frames: list[np.ndarray] | None = None
+
+
+class EpisodeStats:
+    """Return, length and success of each env's running episode, under NEXT_STEP autoreset (the
+    step after an episode's end only resets, so its reward is not the episode's)."""
+
+    def __init__(self, num_envs: int):
+        self.total, self.length, self.success = np.zeros(num_envs), np.zeros(num_envs, int), np.zeros(num_envs, bool)
+
+    def step(self, reward, first, done, info) -> list[tuple[int, tuple[float, int, bool] | None]]:
+        """Add one vector step; returns (env, (return, length, success)) for each episode that
+        ended with it, with None for one a restart of its worker cut short (no real episode)."""
+        live = ~first
+        self.total += np.where(live, reward, 0.0)
+        self.length += live
+        if "success" in info:
+            self.success |= np.asarray(info["success"], bool) & live
+        restarted = np.broadcast_to(np.asarray(info.get("restarted", False), bool), live.shape)
+        ended = []
+        for i in np.flatnonzero(done & live):
+            episode = (float(self.total[i]), int(self.length[i]), bool(self.success[i]))
+            ended.append((int(i), None if restarted[i] else episode))
+            self.total[i], self.length[i], self.success[i] = 0.0, 0, False
+        return ended
+
+
+def play_episodes(envs: gym.vector.VectorEnv, act: Callable, count: int, seed: int, record: int = 0,
+                  stop: Callable[[], bool] = lambda: False) -> Iterator[Episode]:
+    """`count` episodes of the policy `act(obs, is_first, state) -> (env action, state)`, yielded as
+    they finish. The first episode of each of the first `record` envs keeps its image frames (the
+    first observation to the last). Returns early, short of `count`, once `stop()` is true."""
+    n = envs.num_envs
+    obs, _ = envs.reset(seed=seed)
+    first, done, state = np.ones(n, bool), np.zeros(n, bool), None
+    running = np.arange(n) < count  # whether env i's current episode counts
+    started = int(running.sum())
+    stats = EpisodeStats(n)
+    recording = [[obs["image"][i]] if "image" in obs and i < min(record, count) else None for i in range(n)]
+    finished = 0
+    while finished < count:
+        if stop():
+            return
+        action, state = act(obs, first, state)
+        obs, reward, terminated, truncated, info = envs.step(action)
+        first, done = done, terminated | truncated  # NEXT_STEP: the step after an end resets
+        for i, frames in enumerate(recording):
+            if frames is not None and not first[i]:
+                frames.append(obs["image"][i])
+        for i in np.flatnonzero(first):
+            running[i] = started < count
+            started += running[i]
+        for i, episode in stats.step(reward, first, done, info):
+            frames, recording[i] = recording[i], None
+            if not running[i]:
+                continue
+            running[i] = False
+            if episode is None:  # cut short by a restart of its worker: play it again
+                started -= 1
+                continue
+            finished += 1
+            yield Episode(*episode, frames=frames)
+
+
+def side_by_side(episodes: list[list[np.ndarray]], height: int = VIDEO_SIZE) -> np.ndarray:
+    """(T, height, k * width, 3) uint8: k episodes next to each other, enlarged by an integer factor
+    (nearest neighbour) to about `height` pixels; an episode that ended holds its last frame."""
+    length = max(len(frames) for frames in episodes)
+    scale = max(1, height // episodes[0][0].shape[0])
+    clips = []
+    for frames in episodes:
+        clip = np.stack(frames + [frames[-1]] * (length - len(frames)))
+        clips.append(clip.repeat(scale, axis=1).repeat(scale, axis=2))
+    return np.concatenate(clips, axis=2)
+
+
+def write_mp4(path: Path, video: np.ndarray, fps: int = 20) -> None:
+    """An H.264 mp4 of (T, H, W, 3) uint8 frames (through PyAV); H and W are padded to even sizes."""
+    pad = ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0))
+    iio.imwrite(path, np.pad(video, pad), plugin="pyav", codec="libx264", fps=fps)
