@@ -86,14 +86,36 @@ def test_barlow_target_is_detached_from_encoder():
     assert all(g is not None for g in grads_of(wm.encoder).values())
 
 
-def test_mudreamer_decoder_is_visualisation_only():
-    agent = make_agent(MuDreamer(decoder=True))
-    wm = agent.world_model
-    out = wm.loss(batch_for(agent))
-    backward(agent, out.terms["recon_image"])
-    assert all(g is None for g in grads_of(wm.rssm).values())
-    assert all(g is None for g in grads_of(wm.encoder).values())
-    assert all(g is not None for g in grads_of(wm.objective.image_decoder).values())
+@pytest.mark.parametrize("name", ["barlow", "mudreamer", "none"])
+def test_the_probe_decoder_trains_only_itself_and_changes_no_other_loss(name):
+    """The same agent with and without `probe_decoder`, same weights, same batch, same random draws:
+    every other loss term and every other parameter's gradient are equal; the probe learns."""
+    plain = make_agent(OBJECTIVES[name]())
+    probed = make_agent(OBJECTIVES[name](probe_decoder=True))
+    missing, unexpected = probed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("world_model.objective.probe.") for k in missing)
+    batch = batch_for(plain)
+    outs = []
+    for agent in (plain, probed):
+        torch.manual_seed(1)
+        outs.append(agent.world_model.loss(batch))
+        backward(agent, outs[-1].loss)
+    out_plain, out_probed = outs
+    probe_terms = sorted(k for k in out_probed.terms if k.startswith("probe_"))
+    assert probe_terms == ["probe_image"] and out_probed.terms["probe_image"] > 0
+    for term, value in out_plain.terms.items():
+        torch.testing.assert_close(out_probed.terms[term], value, rtol=0, atol=0, msg=term)
+    torch.testing.assert_close(out_probed.loss, out_plain.loss + out_probed.terms["probe_image"])
+    plain_grads = dict(plain.named_parameters())
+    for parameter, p in probed.named_parameters():
+        if parameter.startswith("world_model.objective.probe."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, parameter
+        elif plain_grads[parameter].grad is None:
+            assert p.grad is None, parameter
+        else:
+            torch.testing.assert_close(p.grad, plain_grads[parameter].grad, rtol=0, atol=0, msg=parameter)
+    assert probed.world_model.objective.image_decoder() is probed.world_model.objective.probe
+    assert plain.world_model.objective.image_decoder() is None
 
 
 def test_mudreamer_heads_shape_the_representation_and_batchnorm_switch():
@@ -258,8 +280,8 @@ def test_hparams_are_plain_data():
     assert hp["objective"] == {
         "class_path": "wm.objectives.mudreamer.MuDreamer",
         "init_args": dict(
-            value_head=False, action_head=True, batchnorm=True, decoder=False, value_scale=1.0, action_scale=1.0,
-            head_layers=3, teacher_rate=0.02, lam=0.95, kl_dyn=0.95, kl_rep=0.05, augment=False,
+            value_head=False, action_head=True, batchnorm=True, value_scale=1.0, action_scale=1.0,
+            head_layers=3, teacher_rate=0.02, lam=0.95, kl_dyn=0.95, kl_rep=0.05, augment=False, probe_decoder=False,
         ),
     }
     assert hp["size"] == "size1M" and hp["optimizer"]["lr"] == 4e-5

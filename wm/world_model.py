@@ -71,7 +71,7 @@ class WorldModel(L.LightningModule):
         self.reward = Head(size.feat_dim, len(self.two_hot.bins), size.units, 1, outscale=0.0)
         self.cont = Head(size.feat_dim, 1, size.units, 1)
         self.objective = objective
-        objective.build(ModelDims(size, dict(observation_shapes), self.encoder.out_dim, action_dim, discrete, policy_unimix))
+        objective.attach(ModelDims(size, dict(observation_shapes), self.encoder.out_dim, action_dim, discrete, policy_unimix))
         self.kl_dyn = objective.kl_dyn if objective.kl_dyn is not None else config.kl_dyn
         self.kl_rep = objective.kl_rep if objective.kl_rep is not None else config.kl_rep
 
@@ -113,7 +113,7 @@ class WorldModel(L.LightningModule):
             obs, embed, post, prev_feat, batch["action"], batch["reward"].float(), cont, batch["is_first"], batch["is_last"]
         )
         with phase("objective"):
-            objective_terms = self.objective(inputs)
+            objective_terms = self.objective.losses(inputs)
         for name, value in objective_terms.items():
             loss = loss + self.objective.scales[name] * value
         terms.update(objective_terms)

@@ -35,8 +35,8 @@ class Barlow(Objective):
     No decoder and, by default, no augmentation.
     """
 
-    def __init__(self, scale: float = 0.05, off_diagonal: float = 5e-4, augment: bool = False):
-        super().__init__(augment=augment)
+    def __init__(self, scale: float = 0.05, off_diagonal: float = 5e-4, augment: bool = False, probe_decoder: bool = False):
+        super().__init__(augment=augment, probe_decoder=probe_decoder)
         self.scale, self.off_diagonal = scale, off_diagonal
         self.scales = {"barlow": scale}
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from wm.augment import random_shift
+from wm.decoder import MultiDecoder
 from wm.distributions import POLICY_UNIMIX
 from wm.rssm import State
 from wm.sizes import ModelSize
@@ -57,7 +58,10 @@ class Objective(nn.Module):
     loss terms from `forward`; the world model adds sum(scales[k] * terms[k]) to its loss.
 
     `augment` turns on random-shift augmentation of the encoder's input images (the R2-Dreamer
-    paper's ablation), for any objective.
+    paper's ablation), for any objective. `probe_decoder` adds a decoder that learns to
+    reconstruct the observations from sg(s_t), as MuDreamer's optional decoder does: its
+    gradient reaches only itself, so it changes nothing else, and it lets a person see what a
+    decoder-free latent holds (open-loop predictions). Its terms are `probe_<key>`.
     """
 
     scales: dict[str, float] = {}
@@ -65,12 +69,34 @@ class Objective(nn.Module):
     kl_dyn: float | None = None  # KL weights that replace the core's defaults when set
     kl_rep: float | None = None
 
-    def __init__(self, augment: bool = False):
+    def __init__(self, augment: bool = False, probe_decoder: bool = False):
         super().__init__()
-        self.augment = augment
+        self.augment, self.probe_decoder = augment, probe_decoder
+
+    def attach(self, dims: ModelDims) -> None:
+        """Build the objective's networks for the core's sizes, and the probe decoder if asked."""
+        self.build(dims)
+        if self.probe_decoder:
+            s = dims.size
+            self.probe = MultiDecoder(dims.observation_shapes, s.deter, s.stoch * s.classes, s.depth, s.units)
+            self.scales = {**self.scales, **{f"probe_{k}": 1.0 for k in dims.observation_shapes}}
 
     def build(self, dims: ModelDims) -> None:
         """Create the objective's networks for the core's sizes."""
+
+    def losses(self, inputs: ObjectiveInputs) -> dict[str, torch.Tensor]:
+        """The objective's terms (`forward`) and the probe decoder's, on the detached posterior."""
+        terms = self(inputs)
+        if self.probe_decoder:
+            post = inputs.posterior
+            probe = self.probe.losses(post.deter.detach(), post.stoch.flatten(-2).detach(), inputs.obs)
+            terms.update({f"probe_{k}": v for k, v in probe.items()})
+        return terms
+
+    def image_decoder(self) -> MultiDecoder | None:
+        """The decoder that turns latent states back into observations, for inspection; None
+        without one."""
+        return self.probe if self.probe_decoder else None
 
     def encoder_input(self, obs: Mapping[str, torch.Tensor], image_keys: list[str]) -> Mapping[str, torch.Tensor]:
         """The observations the encoder sees during training."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from wm.decoder import MultiDecoder
 from wm.distributions import POLICY_UNIMIX, TwoHot, continuous_policy, discrete_policy, symexp_bins
 from wm.nets import Head
 from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
@@ -32,7 +31,7 @@ class MuDreamer(Objective):
     - action head: predicts a_{t-1} from (e_t, s_{t-1}) (inverse dynamics), NLL of the policy's
       distribution family, skipped where an episode starts (no previous action).
     - BatchNorm in the encoder instead of RMSNorm.
-    - optional decoder on sg(s_t) for visualisation only: it trains itself, nothing else.
+    - optional decoder on sg(s_t) for visualisation only (`probe_decoder`, as on any objective).
     - KL weights 0.95 / 0.05.
     Head depths, loss scales and the teacher rate are not published: defaults are the critic's
     depth (3 layers), scale 1 and the slow critic's rate 0.02.
@@ -43,7 +42,6 @@ class MuDreamer(Objective):
         value_head: bool = True,
         action_head: bool = True,
         batchnorm: bool = True,
-        decoder: bool = False,
         value_scale: float = 1.0,
         action_scale: float = 1.0,
         head_layers: int = 3,
@@ -52,9 +50,10 @@ class MuDreamer(Objective):
         kl_dyn: float = 0.95,
         kl_rep: float = 0.05,
         augment: bool = False,
+        probe_decoder: bool = False,
     ):
-        super().__init__(augment=augment)
-        self.value_head, self.action_head, self.batchnorm, self.decoder = value_head, action_head, batchnorm, decoder
+        super().__init__(augment=augment, probe_decoder=probe_decoder)
+        self.value_head, self.action_head, self.batchnorm = value_head, action_head, batchnorm
         self.value_scale, self.action_scale = value_scale, action_scale
         self.head_layers, self.teacher_rate, self.lam = head_layers, teacher_rate, lam
         self.kl_dyn, self.kl_rep = kl_dyn, kl_rep
@@ -73,9 +72,6 @@ class MuDreamer(Objective):
             out = dims.action_dim * (1 if dims.discrete else 2)
             self.inverse = Head(dims.embed_dim + dims.feat_dim, out, s.units, self.head_layers)
             self.scales["action"] = self.action_scale
-        if self.decoder:
-            self.image_decoder = MultiDecoder(dims.observation_shapes, s.deter, s.stoch * s.classes, s.depth, s.units)
-            self.scales.update({f"recon_{k}": 1.0 for k in dims.observation_shapes})
 
     def forward(self, inputs: ObjectiveInputs) -> dict[str, torch.Tensor]:
         losses = {}
@@ -92,9 +88,6 @@ class MuDreamer(Objective):
             nll = action_nll(raw, inputs.action, self.discrete, self.policy_unimix)
             valid = 1.0 - inputs.is_first.float()
             losses["action"] = (valid * nll).sum() / valid.sum().clamp(min=1.0)
-        if self.decoder:
-            recon = self.image_decoder.losses(post.deter.detach(), post.stoch.flatten(-2).detach(), inputs.obs)
-            losses.update({f"recon_{k}": v for k, v in recon.items()})
         return losses
 
     def after_update(self, taken: torch.Tensor) -> None:

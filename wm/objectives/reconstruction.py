@@ -9,7 +9,8 @@ from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
 
 
 class Reconstruction(Objective):
-    """Image decoder on the posterior state; squared error summed over pixels, scale `scale`."""
+    """Image decoder on the posterior state; squared error summed over pixels, scale `scale`.
+    Its decoder is also the one inspection uses (it needs no probe)."""
 
     def __init__(self, scale: float = 1.0, augment: bool = False):
         super().__init__(augment=augment)
@@ -24,3 +25,6 @@ class Reconstruction(Objective):
         post = inputs.posterior
         losses = self.decoder.losses(post.deter, post.stoch.flatten(-2), inputs.obs)
         return {f"recon_{k}": v for k, v in losses.items()}
+
+    def image_decoder(self) -> MultiDecoder:
+        return self.decoder
