@@ -26,10 +26,12 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
-from callbacks.evaluation import Episode, EpisodeStats, play_episodes, side_by_side, write_mp4
+from callbacks.evaluation import Episode, EpisodeStats, play_episodes
 from callbacks.interrupt import interrupt_signal
 from datamodules.replay_store import new_save_id
 from wm.envs import make_env, make_vector_env
+from wm.inspection import open_loop_video, saliency_video
+from wm.video import side_by_side, write_mp4
 from wm.logger import EnvStepMLFlowLogger
 from wm.profiling import phase
 
@@ -309,12 +311,12 @@ class EnvLoop(L.Callback):
     def _greedy_episodes(self, trainer: L.Trainer, pl_module: L.LightningModule):
         """`eval_episodes` greedy episodes, yielded as they finish; fewer if a stop signal came."""
         def act(obs, first, state):
-            action, state = self._act(pl_module, obs, first, state, "greedy")
-            return self._to_env(action), state
+            return self._act(pl_module, obs, first, state, "greedy")
 
         with torch.no_grad():
             yield from play_episodes(self._eval_envs(), act, self.eval_episodes, self.rank_seed + 10**6 + self.episodes,
-                                     record=self.eval_videos, stop=lambda: interrupt_signal(trainer) is not None)
+                                     record=self.eval_videos, stop=lambda: interrupt_signal(trainer) is not None,
+                                     to_env=self._to_env)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
         """`eval_episodes` greedy episodes on parallel eval envs: logs eval/* and the video, and
@@ -356,6 +358,25 @@ class EnvLoop(L.Callback):
         for logger in self._mlflow_loggers(trainer):
             logger.experiment.log_text(logger.run_id, table.getvalue(), f"test/episodes_{self.env_steps:09d}.csv")
         self._log_video(trainer, self.tested, "test")
+        self._log_inspection(trainer, pl_module, [e for e in self.tested if e.frames])
+
+    def _log_inspection(self, trainer: L.Trainer, pl_module: L.LightningModule, recorded: list[Episode]) -> None:
+        """Open-loop predictions of the recorded episodes (with an image decoder) and the occlusion
+        saliency of the first one: mp4s in videos/, and the saliency of its middle frame as a PNG."""
+        loggers = self._mlflow_loggers(trainer)
+        if not recorded or not loggers:
+            return
+        videos = {"saliency": saliency_video(pl_module, recorded[0].frames, recorded[0].actions)}
+        if pl_module.world_model.objective.image_decoder() is not None:
+            videos["openloop"] = open_loop_video(pl_module, [(e.frames, e.actions) for e in recorded])
+        fps = max(1, round(50 / self.action_repeat))
+        with tempfile.TemporaryDirectory() as folder:
+            for name, video in videos.items():
+                write_mp4(Path(folder) / f"{name}_{self.env_steps:09d}.mp4", video, fps)
+            for logger in loggers:
+                logger.experiment.log_artifacts(logger.run_id, folder, "videos")
+                logger.experiment.log_image(logger.run_id, videos["saliency"][len(videos["saliency"]) // 2],
+                                            f"images/saliency_{self.env_steps:09d}.png")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.close()

@@ -1,4 +1,4 @@
-"""Greedy evaluation episodes and their videos, shared by evaluations during a fit and `wm test`.
+"""Greedy evaluation episodes, shared by evaluations during a fit and `wm test`.
 
 Episodes run in parallel envs under NEXT_STEP autoreset; each env plays episodes until the wanted
 number has started, so no episode is biased towards the short ones that finish first. An episode
@@ -9,23 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import gymnasium as gym
-import imageio.v3 as iio
 import numpy as np
-
-VIDEO_SIZE = 256  # pixels: frames are enlarged to this height (nearest neighbour) so a person can see them
 
 
 @dataclass
 class Episode:
-    """One finished episode: its return, length, success, and its frames if it was recorded."""
+    """One finished episode: its return, length, success, and if it was recorded its frames and the
+    actions that led to them (actions[0], before the first frame, is zeros)."""
 
     ret: float
     length: int
     success: bool
     frames: list[np.ndarray] | None = None
+    actions: list[np.ndarray] | None = None
 
 
 class EpisodeStats:
@@ -53,10 +51,11 @@ class EpisodeStats:
 
 
 def play_episodes(envs: gym.vector.VectorEnv, act: Callable, count: int, seed: int, record: int = 0,
-                  stop: Callable[[], bool] = lambda: False) -> Iterator[Episode]:
-    """`count` episodes of the policy `act(obs, is_first, state) -> (env action, state)`, yielded as
-    they finish. The first episode of each of the first `record` envs keeps its image frames (the
-    first observation to the last). Returns early, short of `count`, once `stop()` is true."""
+                  stop: Callable[[], bool] = lambda: False, to_env: Callable = lambda action: action) -> Iterator[Episode]:
+    """`count` episodes of the policy `act(obs, is_first, state) -> (action, state)`, whose actions
+    `to_env` turns into what the envs take, yielded as they finish. The first episode of each of
+    the first `record` envs keeps its image frames (the first observation to the last) and actions.
+    Returns early, short of `count`, once `stop()` is true."""
     n = envs.num_envs
     obs, _ = envs.reset(seed=seed)
     first, done, state = np.ones(n, bool), np.zeros(n, bool), None
@@ -64,21 +63,25 @@ def play_episodes(envs: gym.vector.VectorEnv, act: Callable, count: int, seed: i
     started = int(running.sum())
     stats = EpisodeStats(n)
     recording = [[obs["image"][i]] if "image" in obs and i < min(record, count) else None for i in range(n)]
+    actions: list[list[np.ndarray] | None] = [None] * n
     finished = 0
     while finished < count:
         if stop():
             return
         action, state = act(obs, first, state)
-        obs, reward, terminated, truncated, info = envs.step(action)
+        obs, reward, terminated, truncated, info = envs.step(to_env(action))
         first, done = done, terminated | truncated  # NEXT_STEP: the step after an end resets
         for i, frames in enumerate(recording):
             if frames is not None and not first[i]:
+                if actions[i] is None:
+                    actions[i] = [np.zeros_like(action[i])]
                 frames.append(obs["image"][i])
+                actions[i].append(action[i])
         for i in np.flatnonzero(first):
             running[i] = started < count
             started += running[i]
         for i, episode in stats.step(reward, first, done, info):
-            frames, recording[i] = recording[i], None
+            frames, recording[i], taken, actions[i] = recording[i], None, actions[i], None
             if not running[i]:
                 continue
             running[i] = False
@@ -86,22 +89,4 @@ def play_episodes(envs: gym.vector.VectorEnv, act: Callable, count: int, seed: i
                 started -= 1
                 continue
             finished += 1
-            yield Episode(*episode, frames=frames)
-
-
-def side_by_side(episodes: list[list[np.ndarray]], height: int = VIDEO_SIZE) -> np.ndarray:
-    """(T, height, k * width, 3) uint8: k episodes next to each other, enlarged by an integer factor
-    (nearest neighbour) to about `height` pixels; an episode that ended holds its last frame."""
-    length = max(len(frames) for frames in episodes)
-    scale = max(1, height // episodes[0][0].shape[0])
-    clips = []
-    for frames in episodes:
-        clip = np.stack(frames + [frames[-1]] * (length - len(frames)))
-        clips.append(clip.repeat(scale, axis=1).repeat(scale, axis=2))
-    return np.concatenate(clips, axis=2)
-
-
-def write_mp4(path: Path, video: np.ndarray, fps: int = 20) -> None:
-    """An H.264 mp4 of (T, H, W, 3) uint8 frames (through PyAV); H and W are padded to even sizes."""
-    pad = ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0))
-    iio.imwrite(path, np.pad(video, pad), plugin="pyav", codec="libx264", fps=fps)
+            yield Episode(*episode, frames=frames, actions=taken)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from callbacks.evaluation import play_episodes, side_by_side, write_mp4
+from callbacks.evaluation import play_episodes
+from wm.video import side_by_side, write_mp4
 from wm.agent import Agent
 from wm.cli import main
 from wm.envs import make_vector_env
@@ -30,9 +31,9 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A finished run of a short real fit on toy Catch."""
+    """A finished run of a short real fit on toy Catch, R2-Dreamer with a probe decoder."""
     root = tmp_path_factory.mktemp("runs")
-    main(["fit", *TINY, "--run.root", str(root), "--env.total_steps", "40"])
+    main(["fit", *TINY, "--run.root", str(root), "--env.total_steps", "40", "--model.objective.init_args.probe_decoder", "true"])
     return root
 
 
@@ -66,6 +67,11 @@ def test_test_logs_its_episodes_into_the_run_and_leaves_it_finished(trained, tmp
     videos = Path(client.download_artifacts(run.info.run_id, "videos", str(tmp_path)))
     video = iio.imread(videos / f"test_{frames:09d}.mp4", plugin="pyav")
     assert video.shape[1:] == (256, 512, 3) and len(video) >= 2
+    # What the agent predicts (truth / probe prediction / error rows) and where it looks.
+    assert iio.imread(videos / f"openloop_{frames:09d}.mp4", plugin="pyav").shape[1:] == (768, 512, 3)
+    assert iio.imread(videos / f"saliency_{frames:09d}.mp4", plugin="pyav").shape[1:] == (256, 512, 3)
+    images = Path(client.download_artifacts(run.info.run_id, "images", str(tmp_path)))
+    assert iio.imread(images / f"saliency_{frames:09d}.png").shape == (256, 512, 3)
     assert before == {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").glob("*.ckpt")}
 
 
