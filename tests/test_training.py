@@ -12,7 +12,6 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
