@@ -53,17 +53,21 @@ class EpisodeStats:
 def play_episodes(envs: gym.vector.VectorEnv, act: Callable, count: int, seed: int, record: int = 0,
                   stop: Callable[[], bool] = lambda: False, to_env: Callable = lambda action: action) -> Iterator[Episode]:
     """`count` episodes of the policy `act(obs, is_first, state) -> (action, state)`, whose actions
-    `to_env` turns into what the envs take, yielded as they finish. The first episode of each of
-    the first `record` envs keeps its image frames (the first observation to the last) and actions.
-    Returns early, short of `count`, once `stop()` is true."""
+    `to_env` turns into what the envs take, yielded as they finish. The first `record` episodes to
+    start keep their image frames (the first observation to the last) and actions. Returns early,
+    short of `count`, once `stop()` is true."""
     n = envs.num_envs
     obs, _ = envs.reset(seed=seed)
     first, done, state = np.ones(n, bool), np.zeros(n, bool), None
     running = np.arange(n) < count  # whether env i's current episode counts
     started = int(running.sum())
     stats = EpisodeStats(n)
-    recording = [[obs["image"][i]] if "image" in obs and i < min(record, count) else None for i in range(n)]
+    recording: list[list[np.ndarray] | None] = [None] * n  # frames of env i's episode, if recorded
     actions: list[list[np.ndarray] | None] = [None] * n
+    recorded = 0
+    if "image" in obs:
+        for i in range(min(record, count, n)):
+            recording[i], recorded = [obs["image"][i]], recorded + 1
     finished = 0
     while finished < count:
         if stop():
@@ -80,6 +84,8 @@ def play_episodes(envs: gym.vector.VectorEnv, act: Callable, count: int, seed: i
         for i in np.flatnonzero(first):
             running[i] = started < count
             started += running[i]
+            if running[i] and recorded < record and "image" in obs:
+                recording[i], recorded = [obs["image"][i]], recorded + 1
         for i, episode in stats.step(reward, first, done, info):
             frames, recording[i], taken, actions[i] = recording[i], None, actions[i], None
             if not running[i]:
@@ -87,6 +93,7 @@ def play_episodes(envs: gym.vector.VectorEnv, act: Callable, count: int, seed: i
             running[i] = False
             if episode is None:  # cut short by a restart of its worker: play it again
                 started -= 1
+                recorded -= frames is not None
                 continue
             finished += 1
             yield Episode(*episode, frames=frames, actions=taken)

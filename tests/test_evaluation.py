@@ -105,6 +105,14 @@ def test_play_episodes_counts_every_started_episode_and_records_first_to_last_fr
     episode = recorded[0]
     assert len(episode.frames) == episode.length + 1  # the first observation, then one per step
     assert episode.frames[0].shape == (64, 64, 3) and not np.array_equal(episode.frames[0], episode.frames[-1])
+    # One env still records `record` episodes: the first ones to start, one after another.
+    envs = make_vector_env("toy-catch", 1, 2, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    try:
+        episodes = list(play_episodes(envs, lambda obs, first, state: (rng.integers(0, 3, 1), state), 4, seed=1, record=3))
+    finally:
+        envs.close()
+    assert [e.frames is not None for e in episodes] == [True, True, True, False]
+    assert all(len(e.frames) == len(e.actions) == e.length + 1 for e in episodes[:3])
 
 
 def test_videos_put_episodes_side_by_side_at_a_visible_size(tmp_path):
