@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from callbacks.evaluation import play_episodes
 from wm.agent import Agent
-from wm.cli import main
+from wm.cli import CheckpointError, main
 from wm.envs import make_vector_env
 from wm.video import side_by_side, write_mp4
 
@@ -46,7 +46,10 @@ def test_test_logs_its_episodes_into_the_run_and_leaves_it_finished(trained, tmp
     frames = next(v for k, v in frames.items() if k.startswith("EnvLoop"))["env_steps"]
     before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").glob("*.ckpt")}
 
-    main(["test", *TINY, "--run.root", str(trained), "--ckpt_path", str(run_dir / "checkpoints/last.ckpt"),
+    with pytest.raises(CheckpointError, match="ckpt_path is not set: test evaluates a trained agent"):
+        main(["test", *TINY, "--run.root", str(trained)])  # an untrained agent's episodes would enter the run
+    main(["test", *TINY, "--run.root", str(trained), "--ckpt_path", "last",  # this run's last.ckpt
+          "--model.objective.init_args.probe_decoder", "true",  # the run's own config
           "--env.eval_episodes", "5", "--env.num_envs", "3", "--env.eval_videos", "2"])
 
     run = client.get_run(run.info.run_id)

@@ -112,6 +112,8 @@ class WMCLI(LightningCLI):
             rank_zero_warn(f"trainer.precision={self.config[self.subcommand].trainer.precision}: this device has no native "
                            f"bfloat16 and would emulate it slower than float32; training in {fallback} instead")
             self.config[self.subcommand].trainer.precision = fallback
+        if self.subcommand == "test":
+            self.resolve_test_checkpoint()
         if self.subcommand != "fit":
             return
         config = self.config[self.subcommand]
@@ -128,6 +130,19 @@ class WMCLI(LightningCLI):
                 f"run folder {self.run_dir()} already holds checkpoints; resume it with --ckpt_path last, "
                 "or start a new run with another --run.name (nothing was changed)"
             )
+
+    def resolve_test_checkpoint(self) -> None:
+        """`test` evaluates a trained agent: it needs a readable checkpoint (`last`: the run's
+        last.ckpt), refused before anything is touched; without one it would log an untrained
+        agent's episodes into the run."""
+        config = self.config["test"]
+        last = self.run_dir() / "checkpoints" / LAST
+        if config.ckpt_path == "last":
+            config.ckpt_path = str(last)
+        if not config.ckpt_path:
+            raise CheckpointError(f"ckpt_path is not set: test evaluates a trained agent; pass --ckpt_path last "
+                                  f"(this run's {last}) or the path of a checkpoint; nothing was changed")
+        read_checkpoint(Path(config.ckpt_path))
 
     def check_resume(self, path: Path) -> None:
         """Everything a resume needs, checked before the run is touched: a checkpoint of this
