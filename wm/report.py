@@ -241,7 +241,8 @@ def markdown(experiment: str, command: str, results: list[RunResult], rows: list
         lines += ["No aggregate: no task with a known score scale was run by every objective.", ""]
     else:
         lines += ["## Aggregate normalised score", "",
-                  f"Over {len(aggregates.tasks)} tasks ({', '.join(aggregates.tasks)}), {aggregates.seeds} runs each; "
+                  f"Over {len(aggregates.tasks)} task{'s' * (len(aggregates.tasks) != 1)} ({', '.join(aggregates.tasks)}), "
+                  f"{aggregates.seeds} run{'s' * (aggregates.seeds != 1)} each; "
                   f"point estimates and 95% stratified-bootstrap intervals ({reps} resamples), computed by rliable. "
                   "Optimality gap: lower is better.", "",
                   "| objective | " + " | ".join(AGGREGATES) + " |", "| --- |" + " --- |" * len(AGGREGATES)]
