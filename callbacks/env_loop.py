@@ -31,9 +31,9 @@ from callbacks.interrupt import interrupt_signal
 from datamodules.replay_store import new_save_id
 from wm.envs import make_env, make_vector_env
 from wm.inspection import open_loop_video, saliency_video
-from wm.video import side_by_side, write_mp4
 from wm.logger import EnvStepMLFlowLogger
 from wm.profiling import phase
+from wm.video import side_by_side, write_mp4
 
 
 @dataclass(frozen=True)
@@ -369,14 +369,10 @@ class EnvLoop(L.Callback):
         videos = {"saliency": saliency_video(pl_module, recorded[0].frames, recorded[0].actions)}
         if pl_module.world_model.objective.image_decoder() is not None:
             videos["openloop"] = open_loop_video(pl_module, [(e.frames, e.actions) for e in recorded])
-        fps = max(1, round(50 / self.action_repeat))
-        with tempfile.TemporaryDirectory() as folder:
-            for name, video in videos.items():
-                write_mp4(Path(folder) / f"{name}_{self.env_steps:09d}.mp4", video, fps)
-            for logger in loggers:
-                logger.experiment.log_artifacts(logger.run_id, folder, "videos")
-                logger.experiment.log_image(logger.run_id, videos["saliency"][len(videos["saliency"]) // 2],
-                                            f"images/saliency_{self.env_steps:09d}.png")
+        self._log_videos(trainer, videos)
+        for logger in loggers:
+            logger.experiment.log_image(logger.run_id, videos["saliency"][len(videos["saliency"]) // 2],
+                                        f"images/saliency_{self.env_steps:09d}.png")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.close()
@@ -398,14 +394,16 @@ class EnvLoop(L.Callback):
     def _log_video(self, trainer: L.Trainer, episodes: list[Episode], prefix: str) -> None:
         """The recorded episodes side by side, enlarged, as `videos/<prefix>_<env frames>.mp4`."""
         recorded = [e.frames for e in episodes if e.frames]
-        loggers = self._mlflow_loggers(trainer)
-        if not recorded or not loggers:
-            return
+        if recorded and self._mlflow_loggers(trainer):
+            self._log_videos(trainer, {prefix: side_by_side(recorded)})
+
+    def _log_videos(self, trainer: L.Trainer, videos: dict[str, np.ndarray]) -> None:
+        """Each (T, H, W, 3) video as `videos/<name>_<env frames>.mp4`, at the env's frame rate."""
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / f"{prefix}_{self.env_steps:09d}.mp4"
-            write_mp4(path, side_by_side(recorded), fps=max(1, round(50 / self.action_repeat)))
-            for logger in loggers:
-                logger.experiment.log_artifact(logger.run_id, str(path), "videos")
+            for name, video in videos.items():
+                write_mp4(Path(folder) / f"{name}_{self.env_steps:09d}.mp4", video, fps=max(1, round(50 / self.action_repeat)))
+            for logger in self._mlflow_loggers(trainer):
+                logger.experiment.log_artifacts(logger.run_id, folder, "videos")
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         now = time.perf_counter()
