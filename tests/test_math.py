@@ -24,11 +24,13 @@ from wm.distributions import (
     symexp_bins,
     unimix_logits,
 )
-from wm.nets import BlockLinear, MaxPool2x2, RMSNorm, _MaxPool2x2, init_fan_in_, symexp, symlog
+from wm.nets import BlockLinear, MaxPool2x2, RMSNorm, Upsample2x, _MaxPool2x2, _repeat_2x, init_fan_in_, symexp, symlog
 from wm.objectives.barlow import barlow_twins_loss
 from wm.objectives.mudreamer import action_nll
 from wm.optim import LaProp
 from wm.returns import ReturnNormalizer, ema_update_, lambda_return, quantiles
+from wm.rssm import BlockGRU
+from wm.sizes import model_size
 from wm.world_model import kl_losses
 
 TAKEN = torch.tensor(True)  # an update that was taken (not skipped for a non-finite value)
@@ -776,3 +778,20 @@ def test_the_pointwise_max_pool_equals_max_pool2d_with_ties(compiled):
     torch.testing.assert_close(actual_x.grad, expected_x.grad, rtol=0, atol=0)
     windows = x.unflatten(3, (3, 2)).unflatten(2, (4, 2)).permute(0, 1, 2, 4, 3, 5).flatten(-2)
     assert (windows == windows.amax(-1, keepdim=True)).sum(-1).max() > 1  # the map has ties
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_reshape_upsample_equals_nearest_interpolation(compiled):
+    """The compiled decoder's 2x upsampling (a broadcast and a reshape) against F.interpolate(mode=
+    "nearest"): equal values, and the gradient of each input pixel is the sum over its 2x2 block."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, generator=generator).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 3, 8, 10, generator=generator)
+    up = torch.compile(Upsample2x(), fullgraph=True) if compiled else _repeat_2x
+    actual_x = x.clone().requires_grad_()
+    out = up(actual_x)
+    out.backward(grad)
+    torch.testing.assert_close(out, torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"), rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    block_sums = grad.unflatten(3, (5, 2)).unflatten(2, (4, 2)).sum((3, 5))
+    torch.testing.assert_close(actual_x.grad, block_sums)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from wm.encoder import STAGE_MULTIPLIERS, split_keys
-from wm.nets import MLP, BlockLinear, ChannelNorm, Conv2d, Linear, NormAct, symlog
+from wm.nets import MLP, BlockLinear, ChannelNorm, Conv2d, Linear, NormAct, Upsample2x, symlog
 
 
 class ConvDecoder(nn.Module):
@@ -38,8 +38,8 @@ class ConvDecoder(nn.Module):
         layers: list[nn.Module] = []
         widths = [depth * m for m in reversed(STAGE_MULTIPLIERS)]
         for cin, cout in zip(widths[:-1], widths[1:]):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), Conv2d(cin, cout), ChannelNorm(cout), nn.SiLU()]
-        layers += [nn.Upsample(scale_factor=2, mode="nearest"), Conv2d(widths[-1], channels)]
+            layers += [Upsample2x(), Conv2d(cin, cout), ChannelNorm(cout), nn.SiLU()]
+        layers += [Upsample2x(), Conv2d(widths[-1], channels)]
         self.net = nn.Sequential(*layers)
         self.shape = (height, width, channels)
 
