@@ -141,6 +141,25 @@ def test_block_linear_equals_dense_block_diagonal():
         BlockLinear(10, 8, 4)
 
 
+def test_the_gru_block_layers_start_with_the_full_width_fan_in():
+    """Both official codes take a block layer's fan-in over its full input width: the initial
+    weight std is 1.1368 * std(truncated normal on [-2, 2]) / sqrt(in_dim), not / sqrt(in_dim / 8)."""
+    # variance of a standard normal truncated to [-a, a]: 1 - 2 a pdf(a) / (cdf(a) - cdf(-a))
+    a = 2.0
+    pdf = math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
+    truncated_std = math.sqrt(1 - 2 * a * pdf / math.erf(a / math.sqrt(2)))
+    assert abs(truncated_std - 0.8796) < 1e-4
+    torch.manual_seed(0)
+    size = model_size("size12M")
+    gru = BlockGRU(size, action_dim=6)
+    in_dims = {"hidden": size.deter + 3 * size.hidden * size.blocks, "gates": size.deter}  # 8192, 2048
+    for name, layer in {"hidden": gru.hidden[0], "gates": gru.gates}.items():
+        assert layer.weight.shape[0] * layer.weight.shape[1] == in_dims[name], name
+        expected = 1.1368 * truncated_std / math.sqrt(in_dims[name])
+        actual = layer.weight.detach().double().std().item()
+        assert abs(actual / expected - 1.0) < 0.01, (name, actual, expected)
+
+
 # ----------------------------------------------------------------------------- two-hot
 
 

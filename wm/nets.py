@@ -51,7 +51,9 @@ class Linear(nn.Linear):
 class BlockLinear(nn.Module):
     """Block-diagonal linear layer: `blocks` independent linears over equal slices of the input.
 
-    Used by the GRU so that a 2048-wide state costs 1/8 of a dense layer.
+    Used by the GRU so that a 2048-wide state costs 1/8 of a dense layer. The fan-in of the
+    initialisation is the full input width, as in both official codes (docs/algorithm.md §1), so
+    a block layer starts with the weight scale of the dense layer it stands in for.
     """
 
     def __init__(self, in_dim: int, out_dim: int, blocks: int):
@@ -61,7 +63,7 @@ class BlockLinear(nn.Module):
         self.blocks = blocks
         self.weight = nn.Parameter(torch.empty(blocks, in_dim // blocks, out_dim // blocks))
         self.bias = nn.Parameter(torch.zeros(out_dim))
-        init_fan_in_(self.weight, in_dim // blocks)
+        init_fan_in_(self.weight, in_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
