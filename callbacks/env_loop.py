@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,15 +26,37 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from tqdm import tqdm
 
-from callbacks.evaluation import Episode, EpisodeStats, play_episodes
+from callbacks.evaluation import Episode, EpisodeStats, achievement_rates, play_episodes
 from callbacks.interrupt import interrupt_signal
 from datamodules.replay_store import new_save_id
+from wm.durations import format_duration
 from wm.envs import make_env, make_vector_env
+from wm.envs.crafter import CRAFTER_ACHIEVEMENTS, crafter_score
 from wm.inspection import open_loop_video, saliency_video
 from wm.logger import EnvStepMLFlowLogger
 from wm.profiling import phase
 from wm.video import side_by_side, write_mp4
+
+
+FRAMES_BAR = "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} frames [{elapsed}<{remaining}{postfix}]"
+# Seconds per size12M update on wm's development machine (2 CPU cores, AVX512-BF16): the compiled
+# bf16 update alone, and inside a DMC fit beside 16 env workers (README "Speed").
+CPU_SIZE12M_UPDATE_SECONDS = (2.0, 11.0)
+
+
+def achievement_metrics(prefix: str, episodes: list[dict[str, bool]]) -> dict[str, float]:
+    """`<prefix>/achievement/<name>` success rates over the episodes and, where the env reports
+    Crafter's achievements, `<prefix>/crafter_score`; nothing for envs without achievements."""
+    rates = achievement_rates(episodes)
+    if not rates:
+        return {}
+    metrics = {f"{prefix}/achievement/{name}": rate for name, rate in rates.items()}
+    if set(rates) == set(CRAFTER_ACHIEVEMENTS):
+        metrics[f"{prefix}/crafter_score"] = crafter_score(list(rates.values()))
+    return metrics
 
 
 @dataclass(frozen=True)
@@ -105,6 +128,7 @@ class EnvLoop(L.Callback):
         self.replay_credit = 0.0
         self.last_return = float("nan")
         self.last_eval_return = float("nan")
+        self.last_eval_std = float("nan")
         self.next_eval = eval_every
         self.envs: gym.vector.VectorEnv | None = None
         self.eval_envs: gym.vector.VectorEnv | None = None
@@ -128,6 +152,7 @@ class EnvLoop(L.Callback):
             "replay_credit": self.replay_credit,
             "last_return": self.last_return,
             "last_eval_return": self.last_eval_return,
+            "last_eval_std": self.last_eval_std,
             "next_eval": self.next_eval,
             "last_eval_at": self.last_eval_at,
             "torch_rng": torch.get_rng_state(),
@@ -138,6 +163,7 @@ class EnvLoop(L.Callback):
         self.restored = dict(state)
         for key in ("env_steps", "episodes", "replay_credit", "last_return", "last_eval_return", "next_eval", "last_eval_at"):
             setattr(self, key, state[key])
+        self.last_eval_std = state.get("last_eval_std", float("nan"))  # absent from checkpoints before it existed
 
     @staticmethod
     def replay_dir(trainer: L.Trainer) -> Path:
@@ -187,6 +213,8 @@ class EnvLoop(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs after a checkpoint restore (counters are back) and before the fit loop fetches its
         # first batch, so the buffer is reloaded and prefilled in time; the envs start fresh.
+        rank_zero_info(f"Starting {self.num_envs} env{'s' * (self.num_envs > 1)} of {self.task}"
+                       + (" (worker processes)" if self.num_envs > 1 else ""))
         self.envs = make_vector_env(
             self.task, self.num_envs, self.action_repeat, seed=self.rank_seed + self.episodes,
             time_limit=self.time_limit, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP, video_dir=self.video_dir,
@@ -197,7 +225,7 @@ class EnvLoop(L.Callback):
         self.done = np.zeros(self.num_envs, bool)
         self.act_state = None
         self.current = EpisodeStats(self.num_envs)  # the episodes under way
-        self.finished: list[tuple[float, int, bool]] = []
+        self.finished: list[tuple[float, int, bool, dict[str, bool]]] = []
         self.buffer = trainer.datamodule.buffer
         if self.restored is not None:
             self._restore(trainer)
@@ -205,11 +233,40 @@ class EnvLoop(L.Callback):
         self.clock = (time.perf_counter(), self.env_steps, trainer.global_step)
         self.fps = self.updates_per_second = 0.0
         needed = max(self.prefill, trainer.datamodule.sequence_length * self.action_repeat * self.num_envs)
-        while (self.env_steps < needed or len(self.buffer) < trainer.datamodule.sequence_length * self.num_envs) \
-                and interrupt_signal(trainer) is None:
-            self.step(pl_module, random=True)
+        with tqdm(desc="Prefill (random actions)", total=needed, initial=min(self.env_steps, needed), unit_scale=True,
+                  bar_format=FRAMES_BAR,
+                  disable=self.env_steps >= needed or not trainer.is_global_zero or trainer.progress_bar_callback is None,
+                  file=sys.stdout, dynamic_ncols=True) as bar:
+            while (self.env_steps < needed or len(self.buffer) < trainer.datamodule.sequence_length * self.num_envs) \
+                    and interrupt_signal(trainer) is None:
+                self.step(pl_module, random=True)
+                bar.update(min(self.env_steps, needed) - bar.n)
         if self.env_steps >= self.total_steps:  # resumed from the end of a finished run: nothing to train
             trainer.should_stop = True
+        self._warn_if_gpu_sized(trainer, pl_module)
+
+    def updates_left(self, trainer: L.Trainer) -> int:
+        dm = trainer.datamodule
+        agent_steps = max(0, self.total_steps - self.env_steps) / self.action_repeat
+        return int(agent_steps * self.train_ratio / (dm.batch_size * dm.sequence_length))
+
+    def _warn_if_gpu_sized(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A config sized for a GPU that trains on a CPU would run for days; say so at the start."""
+        size = getattr(pl_module.hparams, "size", None)
+        if trainer.strategy.root_device.type != "cpu" or size in (None, "size1M"):
+            return
+        updates = self.updates_left(trainer)
+        low, high = (updates * seconds for seconds in CPU_SIZE12M_UPDATE_SECONDS)
+        if high < 3600:
+            return
+        rank_zero_warn(
+            f"this fit is sized for a GPU and runs on a CPU: {updates:,} updates of a {size} model are left. On wm's "
+            f"2-core development CPU a size12M update took {CPU_SIZE12M_UPDATE_SECONDS[0]:.0f} s at best (compiled, "
+            f"bf16) and about {CPU_SIZE12M_UPDATE_SECONDS[1]:.0f} s inside a DMC fit, so this run would take "
+            f"{format_duration(low)} to {format_duration(high)}{' or more (a larger model)' if size != 'size12M' else ''} "
+            "there. The progress bar's ETA shows this machine's own figure once training runs; configs/cpu/ and "
+            "configs/quickstart.yaml are sized for a CPU."
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         dm = trainer.datamodule
@@ -325,13 +382,14 @@ class EnvLoop(L.Callback):
         if len(episodes) < self.eval_episodes:
             return None
         returns = np.array([e.ret for e in episodes])
-        self.last_eval_return = float(returns.mean())
+        self.last_eval_return, self.last_eval_std = float(returns.mean()), float(returns.std())
         self.last_eval_at = self.env_steps
         self._log_to_loggers(trainer, {
             "eval/return": self.last_eval_return,
-            "eval/return_std": float(returns.std()),
+            "eval/return_std": self.last_eval_std,
             "eval/length": float(np.mean([e.length for e in episodes])),
             "eval/success": float(np.mean([e.success for e in episodes])),
+            **achievement_metrics("eval", [e.achievements for e in episodes]),
         })
         self._log_video(trainer, episodes, "eval")
         return self.last_eval_return
@@ -415,22 +473,16 @@ class EnvLoop(L.Callback):
         log_now = trainer.global_step % max(1, trainer.log_every_n_steps) == 0
         if self.finished and log_now:
             # One write per logging interval: the mean over the episodes that ended in it.
-            returns, lengths, successes = map(np.asarray, zip(*self.finished))
+            returns, lengths, successes = (np.asarray(column) for column in list(zip(*self.finished))[:3])
             self._log_to_loggers(trainer, {
                 "episode/return": float(returns.mean()),
                 "episode/length": float(lengths.mean()),
                 "episode/success": float(successes.mean()),
                 "episode/count": float(len(returns)),
+                **achievement_metrics("episode", [episode[3] for episode in self.finished]),
             })
             self.finished.clear()
-        progress = {
-            "env_steps": float(self.env_steps),
-            "fps": self.fps,
-            "updates/s": self.updates_per_second,
-            "return": self.last_return,
-        }
-        pl_module.log_dict(progress, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         if log_now:
-            self._log_to_loggers(trainer, {"env/fps": progress["fps"], "env/updates_per_second": progress["updates/s"],
+            self._log_to_loggers(trainer, {"env/fps": self.fps, "env/updates_per_second": self.updates_per_second,
                                            "env/episodes": float(self.episodes), "env/restarts": float(self.envs.restarts),
                                            "train/updates": float(trainer.global_step)})

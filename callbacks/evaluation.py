@@ -8,45 +8,63 @@ that a restart of its worker cut short is played again.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
 
 
+ACHIEVEMENT = "achievement/"  # info keys of per-episode flags an env reports (Crafter's achievements)
+
+
 @dataclass
 class Episode:
-    """One finished episode: its return, length, success, and if it was recorded its frames and the
-    actions that led to them (actions[0], before the first frame, is zeros)."""
+    """One finished episode: its return, length, success, the achievements its env reports (name ->
+    unlocked), and if it was recorded its frames and the actions that led to them (actions[0],
+    before the first frame, is zeros)."""
 
     ret: float
     length: int
     success: bool
+    achievements: dict[str, bool] = field(default_factory=dict)
     frames: list[np.ndarray] | None = None
     actions: list[np.ndarray] | None = None
 
 
+def achievement_rates(episodes: list[dict[str, bool]]) -> dict[str, float]:
+    """Per achievement, the fraction of episodes that unlocked it."""
+    names = sorted({name for achievements in episodes for name in achievements})
+    return {name: float(np.mean([a.get(name, False) for a in episodes])) for name in names}
+
+
 class EpisodeStats:
-    """Return, length and success of each env's running episode, under NEXT_STEP autoreset (the
-    step after an episode's end only resets, so its reward is not the episode's)."""
+    """Return, length, success and achievements of each env's running episode, under NEXT_STEP
+    autoreset (the step after an episode's end only resets, so its reward is not the episode's)."""
 
     def __init__(self, num_envs: int):
         self.total, self.length, self.success = np.zeros(num_envs), np.zeros(num_envs, int), np.zeros(num_envs, bool)
+        self.achieved: dict[str, np.ndarray] = {}  # achievement -> whether each env's episode unlocked it
 
-    def step(self, reward, first, done, info) -> list[tuple[int, tuple[float, int, bool] | None]]:
-        """Add one vector step; returns (env, (return, length, success)) for each episode that
-        ended with it, with None for one a restart of its worker cut short (no real episode)."""
+    def step(self, reward, first, done, info) -> list[tuple[int, tuple[float, int, bool, dict[str, bool]] | None]]:
+        """Add one vector step; returns (env, (return, length, success, achievements)) for each
+        episode that ended with it, with None for one a restart of its worker cut short."""
         live = ~first
         self.total += np.where(live, reward, 0.0)
         self.length += live
         if "success" in info:
             self.success |= np.asarray(info["success"], bool) & live
+        for key in (k for k in info if k.startswith(ACHIEVEMENT)):
+            achieved = self.achieved.setdefault(key.removeprefix(ACHIEVEMENT), np.zeros_like(self.success))
+            achieved |= np.asarray(info[key], bool) & live
         restarted = np.broadcast_to(np.asarray(info.get("restarted", False), bool), live.shape)
         ended = []
         for i in np.flatnonzero(done & live):
-            episode = (float(self.total[i]), int(self.length[i]), bool(self.success[i]))
+            achievements = {name: bool(achieved[i]) for name, achieved in self.achieved.items()}
+            episode = (float(self.total[i]), int(self.length[i]), bool(self.success[i]), achievements)
             ended.append((int(i), None if restarted[i] else episode))
             self.total[i], self.length[i], self.success[i] = 0.0, 0, False
+            for achieved in self.achieved.values():
+                achieved[i] = False
         return ended
 
 

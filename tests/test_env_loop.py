@@ -236,7 +236,8 @@ class CheckOnlyCLI(WMCLI):
         raise Validated
 
 
-@pytest.mark.parametrize("config", ["dmc", "dmc_subtle", "dmc_distracting", "metaworld", "atari100k"])
+@pytest.mark.parametrize("config", ["dmc", "dmc_proprio", "dmc_subtle", "dmc_distracting", "metaworld", "atari100k", "crafter",
+                                    "memory_maze"])
 def test_shipped_configs_pass_the_checks_with_their_env_counts(config, tmp_path, capsys):
     """16 env workers for DMC and Meta-World (R2-Dreamer), one env for Atari 100k; the real CLI
     prints them and its checks (prefill, capacity per env stream, ...) accept them."""

@@ -42,7 +42,10 @@ def _episode_return(env, policy, seed):
     return total
 
 
-@pytest.mark.parametrize("task", ["toy-point_reach", "toy-catch"])
+TOY = ["toy-point_reach", "toy-catch", "toy-catch_small", "toy-catch_distract"]
+
+
+@pytest.mark.parametrize("task", TOY)
 def test_toy_spaces_and_steps(task):
     env = make_env(task)
     obs, info = env.reset(seed=0)
@@ -53,7 +56,7 @@ def test_toy_spaces_and_steps(task):
     assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)
 
 
-@pytest.mark.parametrize("task", ["toy-point_reach", "toy-catch"])
+@pytest.mark.parametrize("task", TOY)
 def test_toy_deterministic_under_seed(task):
     def rollout(seed):
         env = make_env(task)
@@ -89,6 +92,31 @@ def test_catch_terminates_with_plus_or_minus_one():
     env.reset(seed=0)
     assert _episode_return(env, lambda obs: 1 + (1 - _catch_policy(obs)), seed=0) <= 0  # flee the ball
     assert {_episode_return(env, lambda obs: 1, seed) for seed in range(20)} == {1.0, -1.0}
+
+
+@pytest.mark.parametrize("task", ["toy-catch_small", "toy-catch_distract"])
+def test_catch_variants_keep_the_game_and_change_the_picture(task):
+    """The same game as Catch (the scripted policy catches every ball, standing still does not),
+    drawn with a 2x2-pixel ball or over a background that moves every step."""
+    env = make_env(task, action_repeat=1)
+    assert {_episode_return(env, _catch_policy, seed) for seed in range(20)} == {1.0}
+    assert {_episode_return(env, lambda obs: 1, seed) for seed in range(20)} == {1.0, -1.0}
+    obs, _ = env.reset(seed=0)
+    ball = (obs["image"] == Catch.BALL_COLOUR).all(-1)
+    if task == "toy-catch_small":
+        assert ball.sum() == 4 and (obs["image"].sum(-1) > 0).sum() == 4 + 2 * 8 * 8  # ball + paddle, black elsewhere
+    else:
+        firsts, moved = [], []
+        for seed in range(4):
+            first = env.reset(seed=seed)[0]["image"]
+            second = env.step(1)[0]["image"]
+            background = ~((first == Catch.BALL_COLOUR).all(-1) | (first == Catch.PADDLE_COLOUR).all(-1))
+            background &= ~((second == Catch.BALL_COLOUR).all(-1) | (second == Catch.PADDLE_COLOUR).all(-1))
+            assert (first[background] < 255).all()  # nothing in the background looks like the ball
+            firsts.append(first)
+            moved.append(not np.array_equal(first[background], second[background]))
+        assert sum(moved) >= 3  # it scrolls (a velocity of 0 has odds 1/81 per episode)
+        assert not np.array_equal(firsts[0], firsts[1])  # a new texture every episode
 
 
 @pytest.mark.parametrize(

@@ -44,12 +44,18 @@ def test_slurm_script_runs_one_command_per_array_task(tmp_path):
     body = text[text.index("COMMANDS=(") : text.index(")\neval")]
     assert body.count("-m wm fit") == 6 and body.count("--ckpt_path last") == 6
     assert "'echo '\"'\"'a b'\"'\"''" in slurm_script([["echo", "a b"]], "x", [])  # quoted for bash
+    # the array tasks start together: their shared store is made first, so none races to make it
+    assert MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").search_experiments()
 
 
 def test_local_sweep_fills_one_experiment(tmp_path):
     root = tmp_path / "runs"
-    code = main(["--config", str(QUICK), "--objectives", "barlow", "none", "--seeds", "3", "--root", str(root), "--", *TINY])
+    code = main(["--config", str(QUICK), "--objectives", "barlow", "none", "--seeds", "3", "--root", str(root), "--parallel", "2", "--", *TINY])
     assert code == 0
+    # two at a time: each run's output is in its own log
+    logs = sorted(p.name for p in (root / "logs").iterdir())
+    assert logs == ["toy-catch-barlow-s3.log", "toy-catch-none-s3.log"]
+    assert all((root / "logs" / name).stat().st_size > 0 for name in logs)
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["toy-catch-barlow-s3", "toy-catch-none-s3"]

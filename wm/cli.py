@@ -9,7 +9,6 @@ The environment's spaces reach the model by argument linking: nobody types shape
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -19,18 +18,21 @@ import torch
 import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from mlflow import MlflowClient
 
 from callbacks.checkpoint import LAST, AtomicCheckpointIO, EnvStepCheckpoint
 from callbacks.env_loop import EnvLoop
 from callbacks.interrupt import Interrupt, interrupt_signal
+from callbacks.progress import EnvProgressBar, RunSummary
 from datamodules import ReplayDataModule, ReplayFileError, ReplayStore
 from datamodules.replay_buffer import buffer_config
 from wm.agent import Agent
-from wm.files import atomic_write, fsync_dir, temporary_sibling
-from wm.logger import EnvStepMLFlowLogger
+from wm.files import atomic_write
+from wm.logger import EnvStepMLFlowLogger, create_store
 from wm.objectives import objective_name
 from wm.validation import ConfigError, check_config, precision_fallback
+
+# MLflow 3's experiment tag that picks the UI's view: "custom_model_development" is the training-runs one.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 @dataclass
@@ -60,20 +62,6 @@ def default_run_name(config) -> str:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed here: missing, damaged, or of another model or replay."""
-
-
-def create_store(db: Path) -> None:
-    """Create the run's sqlite MLflow store whole or not at all: its tables are made in a
-    temporary file that is fsynced and renamed into place, so that a kill while they are made
-    leaves no half-made store (whose next opening fails with "table ... already exists")."""
-    if db.exists():
-        return
-    temporary = temporary_sibling(db)
-    MlflowClient(f"sqlite:///{temporary}").search_experiments()  # creates the schema
-    with open(temporary, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(temporary, db)
-    fsync_dir(db.parent)
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -183,10 +171,11 @@ class WMCLI(LightningCLI):
         # One MLflow run per run folder: a resume, a restart before the first checkpoint and a
         # read-only command all use the run recorded in the folder.
         resuming = run_id_file.exists()
+        tracking_uri = config.run.tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
         logger = EnvStepMLFlowLogger(
             experiment_name=config.run.experiment,
             run_name=run_dir.name,
-            tracking_uri=config.run.tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}",
+            tracking_uri=tracking_uri,
             # A store shared by several runs (a sweep) keeps their artifacts beside it, under the root.
             artifact_location=((run_dir.parent if config.run.tracking_uri else run_dir) / "artifacts").resolve().as_uri(),
             run_id=run_id_file.read_text().strip() if resuming else None,
@@ -198,7 +187,12 @@ class WMCLI(LightningCLI):
             atomic_write(run_id_file, lambda f: f.write(logger.run_id.encode()))
         checkpoint = EnvStepCheckpoint(str(run_dir / "checkpoints"), config.run.checkpoint_every)
         configured = (self.config_init[self.subcommand].trainer.get("callbacks") or [])
-        return super().instantiate_trainer(logger=logger, callbacks=[*configured, Interrupt(), checkpoint],
+        ours = [Interrupt(), checkpoint]
+        if fitting:  # the bar first, so that it is closed before the summary prints
+            if config.trainer.enable_progress_bar is not False:
+                ours.append(EnvProgressBar())
+            ours.append(RunSummary(run_dir, tracking_uri))
+        return super().instantiate_trainer(logger=logger, callbacks=[*configured, *ours],
                                            plugins=[AtomicCheckpointIO()], **kwargs)
 
     def before_fit(self) -> None:
@@ -209,6 +203,9 @@ class WMCLI(LightningCLI):
         logger = self.trainer.logger
         if rank_zero_only.rank != 0:  # other DDP ranks see a dummy experiment
             return
+        # MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model
+        # training; so marked, it opens on the runs table and their charts.
+        logger.experiment.set_experiment_tag(logger.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         logged = logger.experiment.get_run(logger.run_id).data.params
         if logged:  # a resumed run: running again, and the replayed stretch is not logged twice
             logger.experiment.update_run(logger.run_id, status="RUNNING")

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow import MlflowClient
+
+from wm.files import fsync_dir, temporary_sibling
 
 
 class EnvStepMLFlowLogger(MLFlowLogger):
@@ -39,3 +45,18 @@ class EnvStepMLFlowLogger(MLFlowLogger):
         if self.keep_status:
             return
         super().finalize("KILLED" if self.interrupted else status)
+
+
+def create_store(db: Path) -> None:
+    """Create a sqlite MLflow store whole or not at all: its tables are made in a temporary file
+    that is fsynced and renamed into place, so that a kill while they are made leaves no half-made
+    store, and runs that start together on a new store (a sweep) do not race to create its tables
+    (the loser fails with "table ... already exists")."""
+    if db.exists():
+        return
+    temporary = temporary_sibling(db)
+    MlflowClient(f"sqlite:///{temporary}").search_experiments()  # creates the schema
+    with open(temporary, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(temporary, db)
+    fsync_dir(db.parent)

@@ -8,7 +8,10 @@ makes them) and writes into `--out`, and as artifacts of a report run in the sam
 - `aggregates.csv`, `aggregates.png`: mean, median, interquartile mean (IQM) and optimality gap of
   the normalised final scores per objective, with 95% stratified-bootstrap intervals, and
   `profiles.png`, the performance profiles, both computed by `rliable`;
-- `report.md`: the tables above, the normalisation used and the command that made it.
+- `report.md`: the tables above (with the random policy's return, `--random-episodes`), the
+  normalisation used and the command that made it; `--markdown FILE` also writes it into FILE
+  between generated-section markers, keeping the prose around them (how `docs/results.md` is made).
+Several `--experiment`s of one store get a folder each, `<out>/<experiment>`.
 
 Normalised scores: human-normalised for Atari, return / 1000 for DMC suites, the success rate for
 Meta-World, the return range for the toy tasks (`wm.reference.normalized_score`).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -33,6 +37,8 @@ from mlflow import MlflowClient  # noqa: E402
 from rliable import library as rly  # noqa: E402
 from rliable import metrics, plot_utils  # noqa: E402
 
+from wm.envs import make_env  # noqa: E402
+from wm.files import atomic_write  # noqa: E402
 from wm.objectives import objective_name  # noqa: E402
 from wm.reference import REFERENCE_METHOD, Curve, normalized_score, reference_at, reference_curve, t_interval  # noqa: E402
 
@@ -51,6 +57,7 @@ class RunResult:
     steps: np.ndarray  # env frames of each evaluation
     returns: np.ndarray  # mean greedy return of each evaluation
     successes: np.ndarray  # mean success of each evaluation (0 where a task has no success signal)
+    action_repeat: int = 1
 
     @property
     def final_return(self) -> float:
@@ -97,7 +104,8 @@ def load_runs(client: MlflowClient, experiment: str, metric: str = "eval/return"
         success_steps, successes = history(client, run.info.run_id, "eval/success")
         successes = np.interp(steps, success_steps, successes) if len(success_steps) else np.zeros_like(returns)
         results.append(RunResult(run.info.run_name, params["env.task"], objective_name(params.get("model.objective.class_path")),
-                                 int(params.get("seed_everything", 0)), steps, returns, successes))
+                                 int(params.get("seed_everything", 0)), steps, returns, successes,
+                                 int(params.get("env.action_repeat", 1))))
     return results
 
 
@@ -140,12 +148,32 @@ def aggregate(results: list[RunResult], reps: int = 2000, seed: int = 0) -> Aggr
     return Aggregates(tasks, seeds, points, intervals, scores)
 
 
+def random_returns(task: str, action_repeat: int, episodes: int, seed: int = 0) -> np.ndarray:
+    """Returns of `episodes` episodes of uniformly random actions, with the runs' action repeat:
+    the floor every agent must clear."""
+    env = make_env(task, action_repeat=action_repeat, seed=seed)
+    returns = []
+    try:
+        for _ in range(episodes):
+            env.reset()
+            total, done = 0.0, False
+            while not done:
+                _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+    finally:
+        env.close()
+    return np.asarray(returns)
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None or np.isnan(value) else f"{value:.{digits}f}"
 
 
-def final_rows(results: list[RunResult]) -> list[dict]:
-    """One row per (task, objective): final return over seeds, normalised score, reference."""
+def final_rows(results: list[RunResult], random: dict[str, np.ndarray] | None = None) -> list[dict]:
+    """One row per (task, objective): final return over seeds, normalised score, the random policy's
+    mean return where `random` has the task, and DreamerV3's published return at the same frames."""
     rows = []
     for (task, objective), runs in group(results).items():
         finals = np.array([r.final_return for r in runs])
@@ -157,6 +185,7 @@ def final_rows(results: list[RunResult]) -> list[dict]:
             "return_mean": float(mean), "return_ci_low": float(low), "return_ci_high": float(high),
             "success_mean": float(np.mean([r.successes[-1] for r in runs])),
             "normalised_mean": None if None in normalised else float(np.mean(normalised)),
+            "random_return": float(random[task].mean()) if random and task in random else None,
             "dreamerv3_at_frames": reference_at(task, frames),
         })
     return rows
@@ -223,24 +252,28 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def markdown(experiment: str, command: str, results: list[RunResult], rows: list[dict], aggregates: Aggregates | None,
-             reps: int) -> str:
-    lines = [f"# Report: experiment `{experiment}`", "",
+             reps: int, random_episodes: int = 0, level: int = 1, folder: str = "") -> str:
+    """The report as markdown; `level` is its top heading's level and `folder` the path from the
+    markdown file to the figures."""
+    top, sub = "#" * level, "#" * (level + 1)
+    lines = [f"{top} Report: experiment `{experiment}`", "",
              f"{len(results)} runs, made by `{command}`.", "",
-             "## Final greedy eval return", "",
-             "Mean over seeds [95% Student-t interval] at the last evaluation; normalised as below; DreamerV3: its "
-             "published mean at the same env frames (+-20k), where it has the task.", "",
-             "| task | objective | seeds | env frames | return | normalised | DreamerV3 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"{sub} Final greedy eval return", "",
+             "Mean over seeds [95% Student-t interval] at the last evaluation; normalised as below; random: the mean "
+             f"return of {random_episodes} episodes of uniformly random actions; DreamerV3: its published mean at the "
+             "same env frames (+-20k), where it has the task.", "",
+             "| task | objective | seeds | env frames | return | normalised | random | DreamerV3 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         interval = f" [{fmt(row['return_ci_low'])}, {fmt(row['return_ci_high'])}]" if row["seeds"] > 1 else ""
         lines.append(f"| {row['task']} | {row['objective']} | {row['seeds']} | {row['frames']} | "
                      f"{fmt(row['return_mean'])}{interval} | {fmt(row['normalised_mean'], 3)} | "
-                     f"{fmt(row['dreamerv3_at_frames'])} |")
-    lines += ["", "![learning curves](curves.png)", ""]
+                     f"{fmt(row['random_return'], 2)} | {fmt(row['dreamerv3_at_frames'])} |")
+    lines += ["", f"![learning curves]({folder}curves.png)", ""]
     if aggregates is None:
         lines += ["No aggregate: no task with a known score scale was run by every objective.", ""]
     else:
-        lines += ["## Aggregate normalised score", "",
+        lines += [f"{sub} Aggregate normalised score", "",
                   f"Over {len(aggregates.tasks)} task{'s' * (len(aggregates.tasks) != 1)} ({', '.join(aggregates.tasks)}), "
                   f"{aggregates.seeds} run{'s' * (aggregates.seeds != 1)} each; "
                   f"point estimates and 95% stratified-bootstrap intervals ({reps} resamples), computed by rliable. "
@@ -250,9 +283,9 @@ def markdown(experiment: str, command: str, results: list[RunResult], rows: list
             low, high = aggregates.intervals[objective]
             cells = [f"{p:.3f} [{lo:.3f}, {hi:.3f}]" for p, lo, hi in zip(point, low, high)]
             lines.append(f"| {objective} | " + " | ".join(cells) + " |")
-        lines += ["", "![aggregates](aggregates.png)", "", "![performance profiles](profiles.png)", ""]
+        lines += ["", f"![aggregates]({folder}aggregates.png)", "", f"![performance profiles]({folder}profiles.png)", ""]
     lines += ["Normalisation: Atari human-normalised ((return - random) / (human - random)); DMC suites return / 1000; "
-              "Meta-World the success rate; toy-catch (return + 1) / 2; toy-point_reach return / 200.", ""]
+              "Meta-World the success rate; the toy Catch tasks (return + 1) / 2; toy-point_reach return / 200.", ""]
     return "\n".join(lines)
 
 
@@ -260,22 +293,36 @@ def markdown(experiment: str, command: str, results: list[RunResult], rows: list
 class Report:
     """What `make_report` wrote, for callers that go on with it (notebooks, tests)."""
 
+    experiment: str
+    command: str
     results: list[RunResult]
     rows: list[dict]
     curves: dict[str, dict[str, Curve]]
     aggregates: Aggregates | None
     run_id: str | None
+    reps: int = 2000
+    random_episodes: int = 0
+
+    def markdown(self, level: int = 1, folder: str = "") -> str:
+        return markdown(self.experiment, self.command, self.results, self.rows, self.aggregates, self.reps,
+                        self.random_episodes, level, folder)
 
 
 def make_report(tracking_uri: str, experiment: str, out: Path, reps: int = 2000, log: bool = True,
-                command: str = "python -m wm.report") -> Report:
-    """Writes the report files into `out` and, with `log`, into a new report run of the experiment."""
+                command: str = "python -m wm.report", random_episodes: int = 0) -> Report:
+    """Writes the report files into `out` and, with `log`, into a new report run of the experiment.
+    With `random_episodes`, each task's random-policy return is measured by playing it."""
     client = MlflowClient(tracking_uri)
     results = load_runs(client, experiment)
     if not results:
         raise ValueError(f"--experiment {experiment!r} has no run with an evaluation (eval/return) yet")
     out.mkdir(parents=True, exist_ok=True)
-    rows = final_rows(results)
+    random = {}
+    if random_episodes:
+        for task in sorted({r.task for r in results}):
+            repeat = next(r.action_repeat for r in results if r.task == task)
+            random[task] = random_returns(task, repeat, random_episodes)
+    rows = final_rows(results, random)
     curves = plot_curves(results, out / "curves.png")
     aggregates = aggregate(results, reps)
     write_csv(out / "final.csv", rows)
@@ -288,23 +335,52 @@ def make_report(tracking_uri: str, experiment: str, out: Path, reps: int = 2000,
             for o, point in aggregates.points.items()
             for name, p, lo, hi in zip(AGGREGATES, point, *aggregates.intervals[o])])
         plot_aggregates(aggregates, out, reps)
-    (out / "report.md").write_text(markdown(experiment, command, results, rows, aggregates, reps))
-    run_id = None
+    report = Report(experiment, command, results, rows, curves, aggregates, None, reps, random_episodes)
+    (out / "report.md").write_text(report.markdown())
     if log:
         experiment_id = client.get_experiment_by_name(experiment).experiment_id
         run = client.create_run(experiment_id, run_name="report", tags={REPORT_TAG: "1"})
-        run_id = run.info.run_id
-        client.log_artifacts(run_id, str(out), "report")
-        client.set_terminated(run_id, "FINISHED")
-    return Report(results, rows, curves, aggregates, run_id)
+        report.run_id = run.info.run_id
+        client.log_artifacts(report.run_id, str(out), "report")
+        client.set_terminated(report.run_id, "FINISHED")
+    return report
+
+
+GENERATED_BEGIN = "<!-- begin: written by python -m wm.report; edits between these lines are replaced -->"
+GENERATED_END = "<!-- end: written by python -m wm.report -->"
+
+
+def markdown_template(path: Path) -> str:
+    """The text `write_generated_section` will fill: the file, or just the markers for a new one.
+    A file without the markers is refused, never overwritten."""
+    text = path.read_text() if path.exists() else f"{GENERATED_BEGIN}\n{GENERATED_END}\n"
+    if GENERATED_BEGIN not in text or GENERATED_END not in text:
+        raise ValueError(f"--markdown {path}: the file exists without the generated-section markers; add the two "
+                         f"lines\n{GENERATED_BEGIN}\n{GENERATED_END}\nwhere the report should go, or choose a new file")
+    return text
+
+
+def write_generated_section(path: Path, body: str) -> None:
+    """Puts `body` between the markers in `path`, keeping the prose around them."""
+    head, rest = markdown_template(path).split(GENERATED_BEGIN, 1)
+    tail = rest.split(GENERATED_END, 1)[1]
+    new = f"{head}{GENERATED_BEGIN}\n\n{body.strip()}\n\n{GENERATED_END}{tail}"
+    atomic_write(path, lambda f: f.write(new.encode()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m wm.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (the config's run.experiment)")
+    parser.add_argument("--experiment", nargs="+", required=True,
+                        help="MLflow experiment(s) of the sweep(s) (the config's run.experiment); several share one store")
     parser.add_argument("--tracking-uri", default="", help="its store (default: sqlite:///runs/<experiment>/mlflow.db, "
                                                              "where wm.sweep puts it)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the report files")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the report files (<out>/<experiment> for each of several experiments)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="also write every experiment's report into this markdown file, between its generated-"
+                             "section markers (prose around them is kept)")
+    parser.add_argument("--random-episodes", type=int, default=0,
+                        help="play this many random-policy episodes per task for the baseline column")
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the intervals")
     parser.add_argument("--no-log", action="store_true", help="write the files only, no report run in the store")
     return parser.parse_args(argv)
@@ -312,18 +388,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    uri = args.tracking_uri or f"sqlite:///{Path('runs', args.experiment, 'mlflow.db').resolve()}"
+    uri = args.tracking_uri or f"sqlite:///{Path('runs', args.experiment[0], 'mlflow.db').resolve()}"
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         print(f"error: --tracking-uri {uri}: no such MLflow store; pass the sweep's --tracking-uri", file=sys.stderr)
         return 2
-    command = shlex.join(["python", "-m", "wm.report", *(sys.argv[1:] if argv is None else argv)])
     try:
-        report = make_report(uri, args.experiment, args.out, args.reps, log=not args.no_log, command=command)
+        if args.markdown is not None:
+            markdown_template(args.markdown)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print((args.out / "report.md").read_text())
-    print(f"wrote {args.out}" + (f"; logged as run {report.run_id} of experiment {args.experiment!r}" if report.run_id else ""))
+    command = shlex.join(["python", "-m", "wm.report", *(sys.argv[1:] if argv is None else argv)])
+    several = len(args.experiment) > 1
+    reports = []
+    try:
+        for experiment in args.experiment:
+            out = args.out / experiment if several else args.out
+            reports.append(make_report(uri, experiment, out, args.reps, log=not args.no_log, command=command,
+                                       random_episodes=args.random_episodes))
+            print(reports[-1].markdown())
+            print(f"wrote {out}" + (f"; logged as run {reports[-1].run_id} of experiment {experiment!r}"
+                                    if reports[-1].run_id else ""))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.markdown is not None:
+        sections = []
+        for report, experiment in zip(reports, args.experiment):
+            folder = Path(os.path.relpath(args.out / experiment if several else args.out, args.markdown.parent))
+            sections.append(report.markdown(level=2, folder=f"{folder.as_posix()}/"))
+        write_generated_section(args.markdown, "\n".join(sections))
+        print(f"wrote {args.markdown}")
     return 0
 
 

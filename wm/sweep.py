@@ -2,6 +2,8 @@
 
     python -m wm.sweep --config configs/dmc_subtle.yaml --objectives barlow mudreamer reconstruction \\
         --seeds 0 1 2                      # run one after another here
+    python -m wm.sweep --config configs/cpu/toy.yaml --objectives barlow none --seeds 0 1 \
+        --parallel 2                       # two at a time, one core each
     python -m wm.sweep --config configs/atari100k.yaml --tasks atari-pong atari-breakout \\
         --seeds 0 1 --slurm sweep.sbatch   # write a SLURM job-array script instead
 
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
+from wm.logger import create_store
 from wm.objectives import OBJECTIVES
 
 OBJECTIVE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "objective"
@@ -74,13 +79,42 @@ def slurm_script(commands: list[list[str]], job_name: str, slurm_options: list[s
     return "\n".join(lines)
 
 
-def run_locally(commands: list[list[str]]) -> int:
-    """Run one after another; a failed run is reported and the sweep goes on."""
-    failed = []
-    for i, command in enumerate(commands, 1):
-        print(f"[{i}/{len(commands)}] {shlex.join(command[1:])}", flush=True)
-        if subprocess.run(command).returncode:
-            failed.append(command)
+def run_name(command: list[str]) -> str:
+    """`<task>-<objective>-s<seed>`, the run folder's name, read back from a sweep command."""
+    task = command[command.index("--env.task") + 1]
+    objective = Path(command[command.index("--config", command.index("--config") + 1) + 1]).stem
+    return f"{task}-{objective}-s{command[command.index('--seed_everything') + 1]}"
+
+
+def run_locally(commands: list[list[str]], parallel: int = 1, log_dir: Path | None = None) -> int:
+    """Run `parallel` at a time; a failed run is reported and the sweep goes on.
+
+    With parallel > 1 each run gets cores / parallel torch threads (OMP_NUM_THREADS): CPU thread
+    pools that compete for the same cores slow down far more than they share, and each run's
+    output goes to `<log_dir>/<run>.log` instead of the terminal.
+    """
+    env = dict(os.environ)
+    if parallel > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    pending, running, failed = list(enumerate(commands, 1)), [], []
+    while pending or running:
+        while pending and len(running) < parallel:
+            i, command = pending.pop(0)
+            print(f"[{i}/{len(commands)}] {shlex.join(command[1:])}", flush=True)
+            log = None
+            if parallel > 1 and log_dir is not None:
+                log = (log_dir / f"{run_name(command)}.log").open("a")
+                print(f"    output: {log.name}", flush=True)
+            running.append((command, log, subprocess.Popen(command, env=env, stdout=log, stderr=log)))
+        time.sleep(0.5)
+        for entry in [r for r in running if r[2].poll() is not None]:
+            command, log, process = entry
+            running.remove(entry)
+            if log is not None:
+                log.close()
+            if process.returncode:
+                failed.append(command)
+            print(f"{'FAILED' if process.returncode else 'finished'}: {run_name(command)}", flush=True)
     for command in failed:
         print(f"FAILED: {shlex.join(command[1:])}", file=sys.stderr)
     print(f"{len(commands) - len(failed)} of {len(commands)} runs finished")
@@ -97,6 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", default="", help="MLflow store shared by the runs (default: <root>/mlflow.db)")
     parser.add_argument("--slurm", type=Path, default=None, help="write a SLURM job-array script here instead of running")
     parser.add_argument("--slurm-option", action="append", default=[], help='e.g. --slurm-option="--gres=gpu:1"')
+    parser.add_argument("--parallel", type=int, default=1, help="local runs at once, each on cores / N threads (logs in <root>/logs)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: arguments passed to every run")
     return parser.parse_args(argv)
@@ -104,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.parallel < 1:
+        raise SystemExit(f"--parallel {args.parallel}: give at least 1 (runs at once)")
     experiment, _ = benchmark_of(args.config)
     root = args.root or Path("runs") / experiment
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
@@ -111,12 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print("\n".join(shlex.join(c) for c in commands))
         return 0
+    root.mkdir(parents=True, exist_ok=True)
+    if not args.tracking_uri:  # the runs' shared store, made before they start together
+        create_store(root / "mlflow.db")
     if args.slurm:
         args.slurm.write_text(slurm_script(commands, f"wm-{experiment}", args.slurm_option))
         print(f"wrote {args.slurm}: {len(commands)} array tasks; submit with `sbatch {args.slurm}`")
         return 0
-    root.mkdir(parents=True, exist_ok=True)
-    return run_locally(commands)
+    log_dir = root / "logs"
+    log_dir.mkdir(exist_ok=True)
+    return run_locally(commands, args.parallel, log_dir)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 
 Task names are "<suite>-<name>":
   toy-point_reach, toy-catch                       built-in numpy tasks, no simulator
+  toy-catch_small, toy-catch_distract              Catch with a 2x2-pixel ball / a moving background
   dmc-<domain>_<task>          e.g. dmc-walker_walk DeepMind Control from pixels
+  dmc_proprio-<domain>_<task>  e.g. dmc_proprio-walker_walk  DeepMind Control from its state vector
   dmc_subtle-<domain>_<task>   e.g. dmc_subtle-reacher_hard  (R2-Dreamer's shrunk objects)
   dmc_distracting-<domain>_<task>                  DMC with video backgrounds
   atari-<game>                 e.g. atari-pong     the 26 games of Atari 100k
+  crafter-reward                                   Crafter, its 22 achievements logged
+  memory_maze-<size>           e.g. memory_maze-9x9  Memory Maze, 9x9 to 15x15
   metaworld-<task>             e.g. metaworld-reach-v3  the 50 tasks of Meta-World MT1
 """
 
@@ -22,9 +26,12 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from gymnasium.wrappers import TimeLimit
 
 from wm.envs.ale import ATARI_GAMES, AtariEnv
+from wm.envs.crafter import CrafterEnv
 from wm.envs.distracting import DistractingDMCEnv
 from wm.envs.dmc import DMCEnv, dmc_tasks
+from wm.envs.dmc_proprio import DMCProprioEnv
 from wm.envs.dmc_subtle import SUBTLE_TASKS, DMCSubtleEnv
+from wm.envs.memory_maze import MAZE_SIZES, MemoryMazeEnv
 from wm.envs.meta_world import MetaWorldEnv, metaworld_tasks
 from wm.envs.restartable import RestartingVectorEnv
 from wm.envs.toy import TOY_TASKS, Catch, PointReach
@@ -33,10 +40,13 @@ from wm.envs.wrappers import ActionRepeat
 __all__ = [
     "ActionRepeat",
     "AtariEnv",
+    "CrafterEnv",
     "Catch",
     "DMCEnv",
+    "DMCProprioEnv",
     "DMCSubtleEnv",
     "DistractingDMCEnv",
+    "MemoryMazeEnv",
     "MetaWorldEnv",
     "PointReach",
     "RestartingVectorEnv",
@@ -67,6 +77,10 @@ def _dmc(name, image_size, action_repeat, video_dir, split):
     return DMCEnv(*dmc_tasks()[name], image_size=image_size, action_repeat=action_repeat)
 
 
+def _dmc_proprio(name, image_size, action_repeat, video_dir, split):
+    return DMCProprioEnv(*dmc_tasks()[name], action_repeat=action_repeat, image_size=image_size)
+
+
 def _dmc_subtle(name, image_size, action_repeat, video_dir, split):
     return DMCSubtleEnv(name, image_size=image_size, action_repeat=action_repeat)
 
@@ -80,6 +94,14 @@ def _atari(name, image_size, action_repeat, video_dir, split):
     return AtariEnv(name, image_size=image_size, action_repeat=action_repeat)
 
 
+def _crafter(name, image_size, action_repeat, video_dir, split):
+    return ActionRepeat(CrafterEnv(image_size), action_repeat)
+
+
+def _memory_maze(name, image_size, action_repeat, video_dir, split):
+    return ActionRepeat(MemoryMazeEnv(name, image_size), action_repeat)
+
+
 def _metaworld(name, image_size, action_repeat, video_dir, split):
     return MetaWorldEnv(name, image_size=image_size, action_repeat=action_repeat)
 
@@ -87,10 +109,13 @@ def _metaworld(name, image_size, action_repeat, video_dir, split):
 SUITES: dict[str, Suite] = {
     "toy": Suite(lambda: list(TOY_TASKS), _toy),
     "dmc": Suite(lambda: list(dmc_tasks()), _dmc),
+    "dmc_proprio": Suite(lambda: list(dmc_tasks()), _dmc_proprio),
     "dmc_subtle": Suite(lambda: list(SUBTLE_TASKS), _dmc_subtle),
     "dmc_distracting": Suite(lambda: list(dmc_tasks()), _dmc_distracting),
     "atari": Suite(lambda: list(ATARI_GAMES), _atari),
     "metaworld": Suite(metaworld_tasks, _metaworld),
+    "crafter": Suite(lambda: ["reward"], _crafter),
+    "memory_maze": Suite(lambda: list(MAZE_SIZES), _memory_maze),
 }
 
 

@@ -82,9 +82,12 @@ class Catch(PixelEnv):
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
+        self._start()
+        return self._observe(self._draw()), {}
+
+    def _start(self) -> None:
         self._ball_row, self._ball_col = 0, int(self.np_random.integers(self.GRID))
         self._paddle = (self.GRID - self.PADDLE_WIDTH) // 2  # leftmost paddle cell; starts centred
-        return self._observe(self._draw()), {}
 
     def step(self, action):
         self._paddle = min(max(self._paddle + int(action) - 1, 0), self.GRID - self.PADDLE_WIDTH)
@@ -101,4 +104,64 @@ class Catch(PixelEnv):
         return grid.repeat(self._cell, axis=0).repeat(self._cell, axis=1)
 
 
-TOY_TASKS: dict[str, type[PointReach] | type[Catch]] = {"point_reach": PointReach, "catch": Catch}
+class SmallBallCatch(Catch):
+    """Catch whose ball is a 2x2-pixel dot in the middle of its cell, 1/16 of Catch's ball.
+
+    A miniature of DMC-Subtle: the one object the reward depends on covers 4 of 4096 pixels, so a
+    pixel reconstruction loss spends almost nothing on it.
+    """
+
+    BALL_PIXELS = 2
+
+    def _draw(self) -> np.ndarray:
+        grid = np.zeros((self.GRID, self.GRID, 3), np.uint8)
+        grid[self.GRID - 1, self._paddle : self._paddle + self.PADDLE_WIDTH] = self.PADDLE_COLOUR
+        image = grid.repeat(self._cell, axis=0).repeat(self._cell, axis=1)
+        top = self._ball_row * self._cell + (self._cell - self.BALL_PIXELS) // 2
+        left = self._ball_col * self._cell + (self._cell - self.BALL_PIXELS) // 2
+        image[top : top + self.BALL_PIXELS, left : left + self.BALL_PIXELS] = self.BALL_COLOUR
+        return image
+
+
+class DistractingCatch(Catch):
+    """Catch in front of a moving background: a random coloured texture, new each episode, that
+    scrolls by a random velocity every step.
+
+    A miniature of DMC with video backgrounds: most pixels change every step and none of them
+    matter, so reconstruction must model the background while the task needs only ball and paddle.
+    The texture stays darker than the ball and unlike the paddle's blue.
+    """
+
+    TEXTURE_CELLS = 16  # random colours on a 16x16 grid, tiled and scrolled over the image
+    MAX_SPEED = 4  # pixels per step, per axis
+
+    def _start(self) -> None:
+        super()._start()
+        size = self._cell * self.GRID
+        cells = self.np_random.integers(0, 150, (self.TEXTURE_CELLS, self.TEXTURE_CELLS, 3)).astype(np.uint8)
+        cells[..., 2] //= 2  # keep blue low, away from the paddle's colour
+        scale = -(-2 * size // self.TEXTURE_CELLS)  # the texture is twice the image, so it can scroll
+        self._texture = cells.repeat(scale, axis=0).repeat(scale, axis=1)
+        self._velocity = self.np_random.integers(-self.MAX_SPEED, self.MAX_SPEED + 1, 2)
+        self._offset = self.np_random.integers(0, self._texture.shape[0], 2)
+
+    def step(self, action):
+        self._offset = (self._offset + self._velocity) % self._texture.shape[0]
+        return super().step(action)
+
+    def _draw(self) -> np.ndarray:
+        size = self._cell * self.GRID
+        background = np.roll(self._texture, (-self._offset[0], -self._offset[1]), axis=(0, 1))[:size, :size]
+        image = background.copy()
+        objects = super()._draw()
+        drawn = objects.any(-1)
+        image[drawn] = objects[drawn]
+        return image
+
+
+TOY_TASKS: dict[str, type[PixelEnv]] = {
+    "point_reach": PointReach,
+    "catch": Catch,
+    "catch_small": SmallBallCatch,
+    "catch_distract": DistractingCatch,
+}

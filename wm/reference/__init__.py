@@ -17,7 +17,9 @@ import numpy as np
 from scipy import stats
 
 FOLDER = Path(__file__).resolve().parent
-CURVE_FILES = {"dmc": "dmc_vision-dreamerv3.json.gz", "atari": "atari100k-dreamerv3.json.gz"}
+# suite -> (published file, the file's task prefix): "dmc-walker_walk" is "dmc_walker_walk" there.
+CURVE_FILES = {"dmc": ("dmc_vision-dreamerv3.json.gz", "dmc"), "dmc_proprio": ("dmc_proprio-dreamerv3.json.gz", "dmc"),
+               "atari": ("atari100k-dreamerv3.json.gz", "atari")}
 REFERENCE_METHOD = "DreamerV3 (published)"
 
 # Atari 100k: (random, human) episode returns, for human-normalised scores.
@@ -32,8 +34,9 @@ ATARI_RANDOM_HUMAN = {
     "seaquest": (68.4, 42054.7), "up_n_down": (533.4, 11693.2),
 }
 # Episode-return ranges that map a suite's returns onto [0, 1] (0: the low end, 1: the best return).
-RETURN_RANGES = {"dmc": (0.0, 1000.0), "dmc_subtle": (0.0, 1000.0), "dmc_distracting": (0.0, 1000.0),
-                 "toy-catch": (-1.0, 1.0), "toy-point_reach": (0.0, 200.0)}
+RETURN_RANGES = {"dmc": (0.0, 1000.0), "dmc_proprio": (0.0, 1000.0), "dmc_subtle": (0.0, 1000.0), "dmc_distracting": (0.0, 1000.0),
+                 "toy-catch": (-1.0, 1.0), "toy-catch_small": (-1.0, 1.0), "toy-catch_distract": (-1.0, 1.0),
+                 "toy-point_reach": (0.0, 200.0)}
 
 
 @dataclass
@@ -77,7 +80,8 @@ def reference_runs(task: str) -> list[dict]:
     suite, name = split_task(task)
     if suite not in CURVE_FILES:
         return []
-    return [run for run in published_runs(CURVE_FILES[suite]) if run["task"] == f"{suite}_{name}"]
+    file, prefix = CURVE_FILES[suite]
+    return [run for run in published_runs(file) if run["task"] == f"{prefix}_{name}"]
 
 
 def reference_curve(task: str, bins: int = 50) -> Curve | None:
