@@ -37,6 +37,20 @@ def dmc_tasks() -> dict[str, tuple[str, str]]:
     return {f"{domain}_{task}": (domain, task) for domain, task in _suite().ALL_TASKS}
 
 
+def step_repeated(env, action: np.ndarray, repeat: int):
+    """`repeat` physics steps of a suite env with an action in [-1, 1] (rescaled to the env's
+    bounds), stopping at the episode's end: the last time step and the summed reward."""
+    spec = env.action_spec()
+    action = spec.minimum + (np.clip(action, -1.0, 1.0) + 1.0) / 2.0 * (spec.maximum - spec.minimum)
+    reward = 0.0
+    for _ in range(repeat):
+        time_step = env.step(action)
+        reward += time_step.reward or 0.0
+        if time_step.last():
+            break
+    return time_step, float(reward)
+
+
 class DMCEnv(PixelEnv):
     """A suite task with actions normalised to [-1, 1] and the camera image as observation.
 
@@ -59,9 +73,7 @@ class DMCEnv(PixelEnv):
         self._size = image_size
         self._camera = (2 if domain == "quadruped" else 0) if camera is None else camera
         self._repeat = action_repeat
-        spec = self._env.action_spec()
-        self._low, self._high = spec.minimum, spec.maximum
-        self.action_space = spaces.Box(-1.0, 1.0, spec.shape, np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, self._env.action_spec().shape, np.float32)
         try:  # render once now, so a missing GL backend fails here rather than mid-training
             self._render()
         except Exception as e:
@@ -75,14 +87,8 @@ class DMCEnv(PixelEnv):
         return self._observe(self._render()), {}
 
     def step(self, action):
-        action = self._low + (np.clip(action, -1.0, 1.0) + 1.0) / 2.0 * (self._high - self._low)
-        reward = 0.0
-        for _ in range(self._repeat):
-            time_step = self._env.step(action)
-            reward += time_step.reward or 0.0
-            if time_step.last():
-                break
-        return self._observe(self._render()), float(reward), False, time_step.last(), {}
+        time_step, reward = step_repeated(self._env, action, self._repeat)
+        return self._observe(self._render()), reward, False, time_step.last(), {}
 
     def close(self) -> None:
         self._env.close()

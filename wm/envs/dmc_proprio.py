@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from wm.envs.dmc import _suite, dmc_tasks
+from wm.envs.dmc import _suite, dmc_tasks, step_repeated
 
 
 def flatten_observation(observation: dict) -> np.ndarray:
@@ -38,9 +38,7 @@ class DMCProprioEnv(gym.Env):
         self._camera = 2 if domain == "quadruped" else 0
         dim = sum(int(np.prod(spec.shape)) for spec in self._env.observation_spec().values())
         self.observation_space = spaces.Dict({"state": spaces.Box(-np.inf, np.inf, (dim,), np.float32)})
-        spec = self._env.action_spec()
-        self._low, self._high = spec.minimum, spec.maximum
-        self.action_space = spaces.Box(-1.0, 1.0, spec.shape, np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, self._env.action_spec().shape, np.float32)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -50,14 +48,8 @@ class DMCProprioEnv(gym.Env):
         return {"state": flatten_observation(time_step.observation)}, {}
 
     def step(self, action):
-        action = self._low + (np.clip(action, -1.0, 1.0) + 1.0) / 2.0 * (self._high - self._low)
-        reward = 0.0
-        for _ in range(self._repeat):
-            time_step = self._env.step(action)
-            reward += time_step.reward or 0.0
-            if time_step.last():
-                break
-        return {"state": flatten_observation(time_step.observation)}, float(reward), False, time_step.last(), {}
+        time_step, reward = step_repeated(self._env, action, self._repeat)
+        return {"state": flatten_observation(time_step.observation)}, reward, False, time_step.last(), {}
 
     def render(self) -> np.ndarray:
         return self._env.physics.render(self._size, self._size, camera_id=self._camera)
