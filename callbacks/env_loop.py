@@ -213,6 +213,7 @@ class EnvLoop(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs after a checkpoint restore (counters are back) and before the fit loop fetches its
         # first batch, so the buffer is reloaded and prefilled in time; the envs start fresh.
+        self._warn_if_gpu_sized(trainer, pl_module)
         rank_zero_info(f"Starting {self.num_envs} env{'s' * (self.num_envs > 1)} of {self.task}"
                        + (" (worker processes)" if self.num_envs > 1 else ""))
         self.envs = make_vector_env(
@@ -243,7 +244,6 @@ class EnvLoop(L.Callback):
                 bar.update(min(self.env_steps, needed) - bar.n)
         if self.env_steps >= self.total_steps:  # resumed from the end of a finished run: nothing to train
             trainer.should_stop = True
-        self._warn_if_gpu_sized(trainer, pl_module)
 
     def updates_left(self, trainer: L.Trainer) -> int:
         dm = trainer.datamodule

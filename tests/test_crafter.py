@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from mlflow import MlflowClient
 
 from tests.test_training import TINY
@@ -41,6 +42,7 @@ def test_the_crafter_score_is_the_shifted_geometric_mean_of_percentages():
     assert abs(crafter_score(rates) - expected) < 1e-9
 
 
+@pytest.mark.slow  # 22 s
 def test_a_short_fit_logs_achievement_rates_and_the_score(tmp_path):
     main(["fit", *TINY, "--run.root", str(tmp_path), "--env.task", "crafter-reward", "--env.action_repeat", "1",
           "--env.time_limit", "40", "--env.total_steps", "160", "--env.eval_every", "80", "--env.eval_videos", "1"])

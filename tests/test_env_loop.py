@@ -95,7 +95,8 @@ def start(agent, num_envs=2, action_repeat=1, prefill=30, train_ratio=16.0, batc
                    train_ratio=train_ratio, eval_every=0, eval_episodes=0, seed=SEED)
     dm = ReplayDataModule(batch_size=batch_size, sequence_length=sequence_length, capacity=1000)
     trainer = SimpleNamespace(datamodule=dm, callbacks=[], global_rank=0, global_step=0, log_every_n_steps=1,
-                              loggers=[], is_global_zero=True, should_stop=False)
+                              loggers=[], is_global_zero=True, should_stop=False, progress_bar_callback=None,
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
     loop.setup(trainer, agent, "fit")
     loop.on_fit_start(trainer, agent)
     return loop, trainer
@@ -114,8 +115,8 @@ def spell(first, last, terminal) -> list[str]:
     return ["".join(map(char, first[:, i], last[:, i], terminal[:, i])) for i in range(first.shape[1])]
 
 
-def expected_episodes() -> list[tuple[float, int, bool]]:
-    """(return, length, success) of every episode EXPECTED_ROWS ends, in the order they end
+def expected_episodes() -> list[tuple[float, int, bool, dict]]:
+    """(return, length, success, achievements) of every episode EXPECTED_ROWS ends, in the order they end
     (envs ending at the same row: by env index); returns summed from scripted_reward."""
     episodes, starts = [], [0] * len(EXPECTED_ROWS)
     for row in range(len(EXPECTED_ROWS[0])):
@@ -124,7 +125,7 @@ def expected_episodes() -> list[tuple[float, int, bool]]:
                 starts[env] = row
             elif spelled[row] in "TL":
                 length = row - starts[env]
-                episodes.append((sum(scripted_reward(env, t) for t in range(1, length + 1)), length, False))
+                episodes.append((sum(scripted_reward(env, t) for t in range(1, length + 1)), length, False, {}))
     return episodes
 
 

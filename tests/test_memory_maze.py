@@ -4,6 +4,7 @@ real fit that logs to MLflow."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from gymnasium.wrappers import TimeLimit
 from mlflow import MlflowClient
 
@@ -28,6 +29,7 @@ def test_a_9x9_maze_from_pixels_with_1000_step_episodes():
     assert not truncated
 
 
+@pytest.mark.slow  # 32 s: a real fit that renders every step
 def test_a_short_fit_logs_to_mlflow(tmp_path):
     main(["fit", *TINY, "--run.root", str(tmp_path), "--env.task", "memory_maze-9x9", "--env.action_repeat", "1",
           "--env.time_limit", "40", "--env.total_steps", "120", "--env.eval_every", "60"])
