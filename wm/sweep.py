@@ -2,7 +2,7 @@
 
     python -m wm.sweep --config configs/dmc_subtle.yaml --objectives barlow mudreamer reconstruction \\
         --seeds 0 1 2                      # run one after another here
-    python -m wm.sweep --config configs/cpu/toy.yaml --objectives barlow none --seeds 0 1 \
+    python -m wm.sweep --config configs/cpu/toy.yaml --objectives barlow none --seeds 0 1 \\
         --parallel 2                       # two at a time, one core each
     python -m wm.sweep --config configs/atari100k.yaml --tasks atari-pong atari-breakout \\
         --seeds 0 1 --slurm sweep.sbatch   # write a SLURM job-array script instead
@@ -90,8 +90,8 @@ def run_locally(commands: list[list[str]], parallel: int = 1, log_dir: Path | No
     """Run `parallel` at a time; a failed run is reported and the sweep goes on.
 
     With parallel > 1 each run gets cores / parallel torch threads (OMP_NUM_THREADS): CPU thread
-    pools that compete for the same cores slow down far more than they share, and each run's
-    output goes to `<log_dir>/<run>.log` instead of the terminal.
+    pools that compete for the same cores slow down far more than they share. With `log_dir` each
+    run's output goes to `<log_dir>/<run>.log` instead of the terminal.
     """
     env = dict(os.environ)
     if parallel > 1:
@@ -102,7 +102,7 @@ def run_locally(commands: list[list[str]], parallel: int = 1, log_dir: Path | No
             i, command = pending.pop(0)
             print(f"[{i}/{len(commands)}] {shlex.join(command[1:])}", flush=True)
             log = None
-            if parallel > 1 and log_dir is not None:
+            if log_dir is not None:
                 log = (log_dir / f"{run_name(command)}.log").open("a")
                 print(f"    output: {log.name}", flush=True)
             running.append((command, log, subprocess.Popen(command, env=env, stdout=log, stderr=log)))
@@ -155,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         args.slurm.write_text(slurm_script(commands, f"wm-{experiment}", args.slurm_option))
         print(f"wrote {args.slurm}: {len(commands)} array tasks; submit with `sbatch {args.slurm}`")
         return 0
-    log_dir = root / "logs"
-    log_dir.mkdir(exist_ok=True)
+    log_dir = None
+    if args.parallel > 1:  # interleaved output of several runs would be unreadable
+        log_dir = root / "logs"
+        log_dir.mkdir(exist_ok=True)
     return run_locally(commands, args.parallel, log_dir)
 
 

@@ -37,6 +37,21 @@ def dmc_tasks() -> dict[str, tuple[str, str]]:
     return {f"{domain}_{task}": (domain, task) for domain, task in _suite().ALL_TASKS}
 
 
+def load_task(domain: str, task: str, action_repeat: int):
+    """The suite's env for (domain, task), after checking the task and the action repeat."""
+    suite = _suite()
+    if (domain, task) not in suite.ALL_TASKS:
+        raise ValueError(f"unknown DMC task {domain}-{task}; valid: {', '.join(dmc_tasks())}")
+    if action_repeat < 1:
+        raise ValueError(f"action repeat must be >= 1, got {action_repeat}")
+    return suite.load(domain, task)
+
+
+def default_camera(domain: str) -> int:
+    """Camera 0, and 2 for quadruped (docs/algorithm.md §3)."""
+    return 2 if domain == "quadruped" else 0
+
+
 def step_repeated(env, action: np.ndarray, repeat: int):
     """`repeat` physics steps of a suite env with an action in [-1, 1] (rescaled to the env's
     bounds), stopping at the episode's end: the last time step and the summed reward."""
@@ -63,15 +78,10 @@ class DMCEnv(PixelEnv):
     def __init__(
         self, domain: str, task: str, image_size: int = 64, camera: int | None = None, action_repeat: int = 1
     ) -> None:
-        suite = _suite()
-        if (domain, task) not in suite.ALL_TASKS:
-            raise ValueError(f"unknown DMC task {domain}-{task}; valid: {', '.join(dmc_tasks())}")
-        if action_repeat < 1:
-            raise ValueError(f"action repeat must be >= 1, got {action_repeat}")
         super().__init__(image_size)
-        self._env = suite.load(domain, task)
+        self._env = load_task(domain, task, action_repeat)
         self._size = image_size
-        self._camera = (2 if domain == "quadruped" else 0) if camera is None else camera
+        self._camera = default_camera(domain) if camera is None else camera
         self._repeat = action_repeat
         self.action_space = spaces.Box(-1.0, 1.0, self._env.action_spec().shape, np.float32)
         try:  # render once now, so a missing GL backend fails here rather than mid-training

@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from wm.envs.dmc import _suite, dmc_tasks, step_repeated
+from wm.envs.dmc import default_camera, load_task, step_repeated
 
 
 def flatten_observation(observation: dict) -> np.ndarray:
@@ -28,14 +28,9 @@ class DMCProprioEnv(gym.Env):
     episode_steps = 1000
 
     def __init__(self, domain: str, task: str, action_repeat: int = 1, image_size: int = 64) -> None:
-        suite = _suite()
-        if (domain, task) not in suite.ALL_TASKS:
-            raise ValueError(f"unknown DMC task {domain}-{task}; valid: {', '.join(dmc_tasks())}")
-        if action_repeat < 1:
-            raise ValueError(f"action repeat must be >= 1, got {action_repeat}")
-        self._env = suite.load(domain, task)
+        self._env = load_task(domain, task, action_repeat)
         self._repeat, self._size = action_repeat, image_size
-        self._camera = 2 if domain == "quadruped" else 0
+        self._camera = default_camera(domain)
         dim = sum(int(np.prod(spec.shape)) for spec in self._env.observation_spec().values())
         self.observation_space = spaces.Dict({"state": spaces.Box(-np.inf, np.inf, (dim,), np.float32)})
         self.action_space = spaces.Box(-1.0, 1.0, self._env.action_spec().shape, np.float32)

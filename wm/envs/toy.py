@@ -114,9 +114,9 @@ class SmallBallCatch(Catch):
     BALL_PIXELS = 2
 
     def _draw(self) -> np.ndarray:
-        grid = np.zeros((self.GRID, self.GRID, 3), np.uint8)
-        grid[self.GRID - 1, self._paddle : self._paddle + self.PADDLE_WIDTH] = self.PADDLE_COLOUR
-        image = grid.repeat(self._cell, axis=0).repeat(self._cell, axis=1)
+        image = super()._draw()
+        row, col = self._ball_row * self._cell, self._ball_col * self._cell
+        image[row : row + self._cell, col : col + self._cell] = 0  # the ball's cell (never the paddle's row)
         top = self._ball_row * self._cell + (self._cell - self.BALL_PIXELS) // 2
         left = self._ball_col * self._cell + (self._cell - self.BALL_PIXELS) // 2
         image[top : top + self.BALL_PIXELS, left : left + self.BALL_PIXELS] = self.BALL_COLOUR
