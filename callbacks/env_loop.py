@@ -32,7 +32,7 @@ from tqdm import tqdm
 from callbacks.evaluation import Episode, EpisodeStats, achievement_rates, play_episodes
 from callbacks.interrupt import interrupt_signal
 from datamodules.replay_store import new_save_id
-from wm.durations import format_duration
+from wm.durations import format_duration, update_count
 from wm.envs import make_env, make_vector_env
 from wm.envs.crafter import CRAFTER_ACHIEVEMENTS, crafter_score
 from wm.inspection import open_loop_video, saliency_video
@@ -247,8 +247,8 @@ class EnvLoop(L.Callback):
 
     def updates_left(self, trainer: L.Trainer) -> int:
         dm = trainer.datamodule
-        agent_steps = max(0, self.total_steps - self.env_steps) / self.action_repeat
-        return int(agent_steps * self.train_ratio / (dm.batch_size * dm.sequence_length))
+        frames = max(0, self.total_steps - self.env_steps)
+        return update_count(frames, self.action_repeat, self.train_ratio, dm.batch_size, dm.sequence_length)
 
     def _warn_if_gpu_sized(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A config sized for a GPU that trains on a CPU would run for days; say so at the start."""

@@ -117,7 +117,7 @@ def test_bad_input_is_refused_with_the_key(store, tmp_path, capsys):
 def test_random_baselines_and_a_results_page_kept_around_its_prose(tmp_path, capsys):
     """Two experiments of one store into one markdown page: the prose around the generated section
     stays, the section is replaced on the next run, figures are linked relative to the page, and
-    the random-policy column is the mean return of uniformly random episodes of the task."""
+    the random-policy column is the mean return of uniformly random episodes of the task, over a frame budget."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     for experiment, task in (("cpu-toy", "toy-catch"), ("cpu-small-target", "toy-catch_small")):
@@ -133,27 +133,27 @@ def test_random_baselines_and_a_results_page_kept_around_its_prose(tmp_path, cap
     page.write_text("# Results\n\nprose before\n\n<!-- begin: written by python -m wm.report; edits between these "
                     "lines are replaced -->\nold\n<!-- end: written by python -m wm.report -->\n\nprose after\n")
     args = ["--experiment", "cpu-toy", "cpu-small-target", "--tracking-uri", uri, "--out", str(tmp_path / "docs" / "results"),
-            "--markdown", str(page), "--random-episodes", "30", "--reps", "100", "--no-log"]
+            "--markdown", str(page), "--random-frames", "300", "--reps", "100", "--no-log"]
     assert main(args) == 0
     text = page.read_text()
     assert text.startswith("# Results\n\nprose before\n") and text.endswith("\nprose after\n") and "\nold\n" not in text
     assert "## Report: experiment `cpu-toy`" in text and "## Report: experiment `cpu-small-target`" in text
     for link in ("results/cpu-toy/curves.png", "results/cpu-small-target/curves.png"):
         assert f"({link})" in text and (page.parent / link).is_file()
-    # the random column: 30 episodes of uniformly random actions, played here independently
+    # the random column: whole episodes of uniformly random actions until 300 frames, played here independently
     for task in ("toy-catch", "toy-catch_small"):
         env = make_env(task, action_repeat=1, seed=0)
-        returns = []
-        for _ in range(30):
+        returns, frames = [], 0
+        while frames < 300:
             env.reset()
             total, done = 0.0, False
             while not done:
                 _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
-                total, done = total + reward, terminated or truncated
+                total, done, frames = total + reward, terminated or truncated, frames + 1
             returns.append(total)
         row = next(line for line in text.splitlines() if line.startswith(f"| {task} | barlow | 2 | 2000 |"))
-        assert row.split(" | ")[-2] == f"{np.mean(returns):.2f}"
-        assert -1.0 < np.mean(returns) < 0.0  # a random paddle misses most balls
+        assert row.split(" | ")[-2] == f"{np.mean(returns):.2f} ({len(returns)})"
+        assert -1.0 < np.mean(returns) < 0.0 and len(returns) > 10  # a random paddle misses most balls
     assert main(args) == 0 and page.read_text() == text  # run again: the same page, prose kept once
     # a page without the markers is refused before anything is written
     other = tmp_path / "other.md"

@@ -6,10 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from wm import report
-from wm.sweep import main, slurm_script, sweep_commands
+from wm.envs import available_tasks
+from wm.objectives import objective_name
+from wm.reference import published_runs
+from wm.sweep import expected_gpu_hours, main, slurm_script, sweep_commands
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs/quickstart.yaml"
@@ -31,6 +35,73 @@ def test_expands_tasks_objectives_seeds(tmp_path):
     assert first[-2:] == ["--trainer.devices", "1"]
     with pytest.raises(ValueError, match="unknown objectives \\['dino'\\]"):
         sweep_commands(QUICK, [], ["dino"], [0], tmp_path, "", [])
+    with pytest.raises(ValueError, match="unknown tasks \\['toy-cach'\\]; valid: toy-point_reach, toy-catch, "):
+        sweep_commands(QUICK, ["toy-cach"], ["barlow"], [0], tmp_path, "", [])
+
+
+PAPER = sorted((REPO / "configs/paper").glob("*.yaml"))
+# DMC: the 20 tasks of DreamerV3's published vision curves; distractors: DreamerPro's natural-background six
+DMC20 = sorted({run["task"].removeprefix("dmc_") for run in published_runs("dmc_vision-dreamerv3.json.gz")})
+DREAMERPRO_NATURAL = ["ball_in_cup_catch", "cartpole_swingup", "cheetah_run", "finger_spin", "reacher_easy", "walker_run"]
+
+
+def test_each_objective_config_names_its_runs_after_its_file():
+    """A sweep names a run's log after the objective config's file; the fit names the run after the
+    config's variant, or the objective: the two must agree."""
+    for config in sorted((REPO / "configs/objective").glob("*.yaml")):
+        data = yaml.safe_load(config.read_text())
+        variant = (data.get("run") or {}).get("variant") or objective_name(data["model"]["objective"]["class_path"])
+        assert variant == config.stem, config
+
+
+def test_gpu_hours_scale_the_published_wall_clock_by_update_count():
+    # Published: 1M env steps of walker-walk, action repeat 2, train ratio 512, B16 T64, so 250k updates,
+    # took 4.4 h (R2-Dreamer) and 7.0 h (DreamerV3 with its decoder) on one RTX 3080 Ti.
+    dmc = REPO / "configs/dmc.yaml"
+    assert expected_gpu_hours(dmc, "barlow") == pytest.approx(4.4)
+    assert expected_gpu_hours(dmc, "reconstruction") == pytest.approx(7.0)
+    assert expected_gpu_hours(dmc, "mudreamer") == pytest.approx(4.4)
+    assert expected_gpu_hours(dmc, "barlow_b8") == pytest.approx(8.8)  # B = 8: twice the updates
+    # Atari 100k: 400k frames / action repeat 4 * train ratio 128 / 1024 = 12,500 updates
+    assert expected_gpu_hours(REPO / "configs/atari100k.yaml", "barlow") == pytest.approx(4.4 * 12_500 / 250_000)
+    assert expected_gpu_hours(REPO / "configs/cpu/toy.yaml", "barlow") is None  # size1M: no published figure
+
+
+@pytest.mark.parametrize("preset", PAPER, ids=[p.stem for p in PAPER])
+def test_paper_presets_are_one_command_with_their_gpu_hours(preset, capsys):
+    assert main(["--preset", str(preset), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    commands = out.splitlines()
+    tasks = sorted({c.split("--env.task ")[1].split()[0] for c in commands})
+    objectives = {Path(c.split(" --config ")[2].split()[0]).stem for c in commands}
+    seeds = {c.split("--seed_everything ")[1].split()[0] for c in commands}
+    assert objectives == {"barlow", "reconstruction", "mudreamer", "none", "barlow_augment", "barlow_b8"}
+    assert seeds == {"0", "1", "2", "3", "4"} and len(commands) == len(tasks) * 6 * 5
+    expected_tasks = {
+        "dmc": sorted(f"dmc-{t}" for t in DMC20),
+        "dmc_subtle": available_tasks(["dmc_subtle"]),
+        "dmc_distracting": sorted(f"dmc_distracting-{t}" for t in DREAMERPRO_NATURAL),
+        "atari100k": available_tasks(["atari"]),
+        "metaworld": available_tasks(["metaworld"]),
+    }[preset.stem]
+    assert tasks == sorted(expected_tasks)
+    # the total the preset's header states is the one the sweep prints
+    stated = preset.read_text().split("Expected: about ")[1].split(" GPU-hours")[0]
+    assert f"about {stated} GPU-hours" in err and f"({len(commands):,} runs;" in err
+    assert f"| `configs/paper/{preset.name}` | {len(commands):,} | about {stated} |" in (REPO / "README.md").read_text()
+
+
+def test_a_preset_gives_defaults_and_refuses_unknown_keys(tmp_path, capsys):
+    preset = REPO / "configs/paper/dmc_subtle.yaml"
+    assert main(["--preset", str(preset), "--objectives", "barlow", "--seeds", "7", "--dry-run"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 5 and all("--seed_everything 7 " in c and "objective/barlow.yaml" in c for c in commands)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("config: configs/dmc.yaml\nseed: [0]\n")
+    with pytest.raises(SystemExit, match="unknown keys \\['seed'\\]; a preset has config, tasks, objectives, seeds"):
+        main(["--preset", str(bad), "--dry-run"])
+    with pytest.raises(SystemExit, match="give --config .* or --preset"):
+        main(["--dry-run"])
 
 
 def test_slurm_script_runs_one_command_per_array_task(tmp_path):
@@ -50,16 +121,20 @@ def test_slurm_script_runs_one_command_per_array_task(tmp_path):
 
 def test_local_sweep_fills_one_experiment(tmp_path):
     root = tmp_path / "runs"
-    code = main(["--config", str(QUICK), "--objectives", "barlow", "none", "--seeds", "3", "--root", str(root), "--parallel", "2", "--", *TINY])
+    code = main(["--config", str(QUICK), "--objectives", "barlow", "barlow_augment", "--seeds", "3", "--root", str(root), "--parallel", "2", "--", *TINY])
     assert code == 0
     # two at a time: each run's output is in its own log
     logs = sorted(p.name for p in (root / "logs").iterdir())
-    assert logs == ["toy-catch-barlow-s3.log", "toy-catch-none-s3.log"]
+    assert logs == ["toy-catch-barlow-s3.log", "toy-catch-barlow_augment-s3.log"]
     assert all((root / "logs" / name).stat().st_size > 0 for name in logs)
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["toy-catch-barlow-s3", "toy-catch-none-s3"]
-    assert {r.data.params["model.objective.class_path"] for r in runs} == {"wm.objectives.Barlow", "wm.objectives.NoObjective"}
+    assert sorted(r.info.run_name for r in runs) == ["toy-catch-barlow-s3", "toy-catch-barlow_augment-s3"]
+    # the ablation is a Barlow run with augmentation, named and reported as its own cell
+    params = {r.info.run_name: r.data.params for r in runs}
+    assert {p["model.objective.class_path"] for p in params.values()} == {"wm.objectives.Barlow"}
+    assert params["toy-catch-barlow_augment-s3"]["model.objective.init_args.augment"] == "True"
+    assert params["toy-catch-barlow-s3"]["model.objective.init_args.augment"] == "False"
     assert all(r.data.params["seed_everything"] == "3" for r in runs)
     assert all(client.list_artifacts(r.info.run_id) for r in runs)
     # Run again, the sweep resumes its runs: finished ones end at once, still one MLflow run each.
@@ -68,8 +143,8 @@ def test_local_sweep_fills_one_experiment(tmp_path):
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     # The report reads the sweep's runs: one row per objective, toy-catch normalised, a report run.
     made = report.make_report(f"sqlite:///{root / 'mlflow.db'}", "quickstart", tmp_path / "report", reps=200)
-    assert [(row["task"], row["objective"], row["seeds"]) for row in made.rows] == [("toy-catch", "barlow", 1), ("toy-catch", "none", 1)]
+    assert [(row["task"], row["objective"], row["seeds"]) for row in made.rows] == [("toy-catch", "barlow", 1), ("toy-catch", "barlow_augment", 1)]
     returns = {r.info.run_name: client.get_metric_history(r.info.run_id, "eval/return")[-1].value for r in runs}
-    assert [row["return_mean"] for row in made.rows] == [returns["toy-catch-barlow-s3"], returns["toy-catch-none-s3"]]
+    assert [row["return_mean"] for row in made.rows] == [returns["toy-catch-barlow-s3"], returns["toy-catch-barlow_augment-s3"]]
     assert made.aggregates.tasks == ["toy-catch"] and (tmp_path / "report" / "curves.png").is_file()
     assert client.get_run(made.run_id).data.tags[report.REPORT_TAG] == "1"

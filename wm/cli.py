@@ -39,7 +39,10 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 class RunConfig:
     """Where a run is stored and tracked.
 
-    name: run folder and MLflow run name; empty: "<task>-<objective>-s<seed>".
+    name: run folder and MLflow run name; empty: "<task>-<variant or objective>-s<seed>".
+    variant: an ablation's name (e.g. barlow_augment, set by its config in configs/objective/): it
+        stands for the objective in the run name and in reports, so the ablation and the plain
+        objective are separate cells; empty: the objective's name.
     root: parent folder of run folders.
     experiment: MLflow experiment name.
     tracking_uri: MLflow tracking URI; empty: sqlite store inside the run folder.
@@ -47,6 +50,7 @@ class RunConfig:
     """
 
     name: str = ""
+    variant: str = ""
     root: str = "runs"
     experiment: str = "wm"
     tracking_uri: str = ""
@@ -54,9 +58,9 @@ class RunConfig:
 
 
 def default_run_name(config) -> str:
-    """"<task>-<objective>-s<seed>": the task names the suite (benchmark) too."""
+    """"<task>-<variant or objective>-s<seed>": the task names the suite (benchmark) too."""
     objective = config.model.objective
-    short = objective_name(objective.class_path if objective else None)
+    short = config.run.variant or objective_name(objective.class_path if objective else None)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{config.env.task}-{short}-s{config.seed_everything}")
 
 

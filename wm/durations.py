@@ -16,3 +16,9 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes} min {secs:02d} s"
     return f"{secs} s"
+
+
+def update_count(frames: float, action_repeat: int, train_ratio: float, batch_size: int, sequence_length: int) -> int:
+    """Updates that `frames` env frames pay for: agent steps (frames / action repeat) times the train
+    ratio (replayed steps per agent step), over the B*T steps one update replays."""
+    return int(frames / action_repeat * train_ratio / (batch_size * sequence_length))

@@ -8,7 +8,7 @@ makes them) and writes into `--out`, and as artifacts of a report run in the sam
 - `aggregates.csv`, `aggregates.png`: mean, median, interquartile mean (IQM) and optimality gap of
   the normalised final scores per objective, with 95% stratified-bootstrap intervals, and
   `profiles.png`, the performance profiles, both computed by `rliable`;
-- `report.md`: the tables above (with the random policy's return, `--random-episodes`), the
+- `report.md`: the tables above (with the random policy's return, `--random-frames`), the
   normalisation used and the command that made it; `--markdown FILE` also writes it into FILE
   between generated-section markers, keeping the prose around them (how `docs/results.md` is made).
 Several `--experiment`s of one store get a folder each, `<out>/<experiment>`.
@@ -52,7 +52,7 @@ class RunResult:
 
     name: str
     task: str
-    objective: str
+    objective: str  # the objective's name, or an ablation's (run.variant)
     seed: int
     steps: np.ndarray  # env frames of each evaluation
     returns: np.ndarray  # mean greedy return of each evaluation
@@ -103,7 +103,8 @@ def load_runs(client: MlflowClient, experiment: str, metric: str = "eval/return"
             continue
         success_steps, successes = history(client, run.info.run_id, "eval/success")
         successes = np.interp(steps, success_steps, successes) if len(success_steps) else np.zeros_like(returns)
-        results.append(RunResult(run.info.run_name, params["env.task"], objective_name(params.get("model.objective.class_path")),
+        objective = params.get("run.variant") or objective_name(params.get("model.objective.class_path"))
+        results.append(RunResult(run.info.run_name, params["env.task"], objective,
                                  int(params.get("seed_everything", 0)), steps, returns, successes,
                                  int(params.get("env.action_repeat", 1))))
     return results
@@ -148,18 +149,20 @@ def aggregate(results: list[RunResult], reps: int = 2000, seed: int = 0) -> Aggr
     return Aggregates(tasks, seeds, points, intervals, scores)
 
 
-def random_returns(task: str, action_repeat: int, episodes: int, seed: int = 0) -> np.ndarray:
-    """Returns of `episodes` episodes of uniformly random actions, with the runs' action repeat:
-    the floor every agent must clear."""
+def random_returns(task: str, action_repeat: int, frames: int, seed: int = 0) -> np.ndarray:
+    """Returns of whole episodes of uniformly random actions, with the runs' action repeat, until
+    they total at least `frames` env frames: the floor every agent must clear. A frame budget
+    keeps the cost alike across suites (a toy episode is ~10 frames, a DMC one 1000)."""
     env = make_env(task, action_repeat=action_repeat, seed=seed)
-    returns = []
+    returns, played = [], 0
     try:
-        for _ in range(episodes):
+        while played < frames:
             env.reset()
             total, done = 0.0, False
             while not done:
                 _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
                 total += float(reward)
+                played += action_repeat
                 done = terminated or truncated
             returns.append(total)
     finally:
@@ -186,6 +189,7 @@ def final_rows(results: list[RunResult], random: dict[str, np.ndarray] | None = 
             "success_mean": float(np.mean([r.successes[-1] for r in runs])),
             "normalised_mean": None if None in normalised else float(np.mean(normalised)),
             "random_return": float(random[task].mean()) if random and task in random else None,
+            "random_episodes": len(random[task]) if random and task in random else 0,
             "dreamerv3_at_frames": reference_at(task, frames),
         })
     return rows
@@ -252,23 +256,25 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def markdown(experiment: str, command: str, results: list[RunResult], rows: list[dict], aggregates: Aggregates | None,
-             reps: int, random_episodes: int = 0, level: int = 1, folder: str = "") -> str:
+             reps: int, random_frames: int = 0, level: int = 1, folder: str = "") -> str:
     """The report as markdown; `level` is its top heading's level and `folder` the path from the
     markdown file to the figures."""
     top, sub = "#" * level, "#" * (level + 1)
     lines = [f"{top} Report: experiment `{experiment}`", "",
              f"{len(results)} runs, made by `{command}`.", "",
              f"{sub} Final greedy eval return", "",
-             "Mean over seeds [95% Student-t interval] at the last evaluation; normalised as below; random: the mean "
-             f"return of {random_episodes} episodes of uniformly random actions; DreamerV3: its published mean at the "
-             "same env frames (+-20k), where it has the task.", "",
+             "Mean over seeds [95% Student-t interval] at the last evaluation; normalised as below; random: "
+             + (f"the mean return of uniformly random actions over whole episodes totalling at least {random_frames:,} "
+                "env frames per task (their number in parentheses)" if random_frames else "not measured (--random-frames)")
+             + "; DreamerV3: its published mean at the same env frames (+-20k), where it has the task.", "",
              "| task | objective | seeds | env frames | return | normalised | random | DreamerV3 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         interval = f" [{fmt(row['return_ci_low'])}, {fmt(row['return_ci_high'])}]" if row["seeds"] > 1 else ""
+        random = fmt(row["random_return"], 2) + (f" ({row['random_episodes']})" if row["random_episodes"] else "")
         lines.append(f"| {row['task']} | {row['objective']} | {row['seeds']} | {row['frames']} | "
-                     f"{fmt(row['return_mean'])}{interval} | {fmt(row['normalised_mean'], 3)} | "
-                     f"{fmt(row['random_return'], 2)} | {fmt(row['dreamerv3_at_frames'])} |")
+                     f"{fmt(row['return_mean'])}{interval} | {fmt(row['normalised_mean'], 3)} | {random} | "
+                     f"{fmt(row['dreamerv3_at_frames'])} |")
     lines += ["", f"![learning curves]({folder}curves.png)", ""]
     if aggregates is None:
         lines += ["No aggregate: no task with a known score scale was run by every objective.", ""]
@@ -301,27 +307,27 @@ class Report:
     aggregates: Aggregates | None
     run_id: str | None
     reps: int = 2000
-    random_episodes: int = 0
+    random_frames: int = 0
 
     def markdown(self, level: int = 1, folder: str = "") -> str:
         return markdown(self.experiment, self.command, self.results, self.rows, self.aggregates, self.reps,
-                        self.random_episodes, level, folder)
+                        self.random_frames, level, folder)
 
 
 def make_report(tracking_uri: str, experiment: str, out: Path, reps: int = 2000, log: bool = True,
-                command: str = "python -m wm.report", random_episodes: int = 0) -> Report:
+                command: str = "python -m wm.report", random_frames: int = 0) -> Report:
     """Writes the report files into `out` and, with `log`, into a new report run of the experiment.
-    With `random_episodes`, each task's random-policy return is measured by playing it."""
+    With `random_frames`, each task's random-policy return is measured by playing it."""
     client = MlflowClient(tracking_uri)
     results = load_runs(client, experiment)
     if not results:
         raise ValueError(f"--experiment {experiment!r} has no run with an evaluation (eval/return) yet")
     out.mkdir(parents=True, exist_ok=True)
     random = {}
-    if random_episodes:
+    if random_frames:
         for task in sorted({r.task for r in results}):
             repeat = next(r.action_repeat for r in results if r.task == task)
-            random[task] = random_returns(task, repeat, random_episodes)
+            random[task] = random_returns(task, repeat, random_frames)
     rows = final_rows(results, random)
     curves = plot_curves(results, out / "curves.png")
     aggregates = aggregate(results, reps)
@@ -335,7 +341,7 @@ def make_report(tracking_uri: str, experiment: str, out: Path, reps: int = 2000,
             for o, point in aggregates.points.items()
             for name, p, lo, hi in zip(AGGREGATES, point, *aggregates.intervals[o])])
         plot_aggregates(aggregates, out, reps)
-    report = Report(experiment, command, results, rows, curves, aggregates, None, reps, random_episodes)
+    report = Report(experiment, command, results, rows, curves, aggregates, None, reps, random_frames)
     (out / "report.md").write_text(report.markdown())
     if log:
         experiment_id = client.get_experiment_by_name(experiment).experiment_id
@@ -379,8 +385,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, default=None,
                         help="also write every experiment's report into this markdown file, between its generated-"
                              "section markers (prose around them is kept)")
-    parser.add_argument("--random-episodes", type=int, default=0,
-                        help="play this many random-policy episodes per task for the baseline column")
+    parser.add_argument("--random-frames", type=int, default=0,
+                        help="play random-policy episodes per task until they total this many env frames, for the "
+                             "baseline column (10000: ~1000 toy episodes, 10 DMC ones)")
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the intervals")
     parser.add_argument("--no-log", action="store_true", help="write the files only, no report run in the store")
     return parser.parse_args(argv)
@@ -405,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         for experiment in args.experiment:
             out = args.out / experiment if several else args.out
             reports.append(make_report(uri, experiment, out, args.reps, log=not args.no_log, command=command,
-                                       random_episodes=args.random_episodes))
+                                       random_frames=args.random_frames))
             print(reports[-1].markdown())
             print(f"wrote {out}" + (f"; logged as run {reports[-1].run_id} of experiment {experiment!r}"
                                     if reports[-1].run_id else ""))

@@ -10,6 +10,14 @@
 Every run is `python -m wm fit` with the benchmark config, an objective config, the task and the
 seed, in `<root>/<task>-<objective>-s<seed>`; all runs of a sweep share one tracking store (`<root>/mlflow.db` unless --tracking-uri) and
 the experiment named in the config, so their curves sit side by side in `mlflow ui`.
+
+A preset (configs/paper/) names the benchmark config, tasks, objectives and seeds of a published
+experiment, so that it is one command; options given on the command line replace the preset's:
+
+    python -m wm.sweep --preset configs/paper/dmc.yaml --slurm dmc.sbatch --slurm-option=--gres=gpu:1
+
+Objectives are the configs in configs/objective/: the four objectives and the paper's ablations
+(barlow_augment, barlow_b8). Sweeps of size12M models print their expected GPU-hours.
 """
 
 from __future__ import annotations
@@ -25,10 +33,67 @@ from pathlib import Path
 
 import yaml
 
+from wm.durations import update_count
 from wm.logger import create_store
-from wm.objectives import OBJECTIVES
+from wm.objectives import objective_name
 
-OBJECTIVE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "objective"
+REPO = Path(__file__).resolve().parents[1]
+OBJECTIVE_CONFIGS = REPO / "configs" / "objective"
+PRESET_KEYS = ("config", "tasks", "objectives", "seeds")
+# R2-Dreamer's Table 1: 1M env steps of DMC walker-walk on one RTX 3080 Ti took 4.4 h for R2-Dreamer and
+# 7.0 h for its PyTorch DreamerV3 (with the decoder). That run is 250,000 size12M updates:
+# 1M frames / action repeat 2 * train ratio 512 / (B 16 * T 64).
+PUBLISHED_GPU_HOURS = {"barlow": 4.4, "reconstruction": 7.0}
+PUBLISHED_UPDATES = 250_000
+PUBLISHED_SIZE = "size12M"
+
+
+def objective_configs() -> list[str]:
+    """What --objectives accepts: the objectives and their ablations, one config each in configs/objective/."""
+    return sorted(path.stem for path in OBJECTIVE_CONFIGS.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` over `base`, key by key in nested mappings, as LightningCLI composes --config files."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def expected_gpu_hours(config: Path, objective: str) -> float | None:
+    """One run's hours on an RTX 3080 Ti, scaled from the published wall-clock by its update count, or
+    None for a model size other than the published one.
+
+    Decoder-free objectives take R2-Dreamer's time per update, reconstruction DreamerV3's; env
+    stepping is assumed to cost per update what it did in the published run, and an update of a
+    smaller batch as much as a full one (an upper bound). A planning estimate.
+    """
+    data = merge(read_yaml(config), read_yaml(OBJECTIVE_CONFIGS / f"{objective}.yaml"))
+    model, env, batch = data.get("model") or {}, data.get("env") or {}, data.get("data") or {}
+    if model.get("size") != PUBLISHED_SIZE:
+        return None
+    updates = update_count(env["total_steps"], env["action_repeat"], env["train_ratio"], batch["batch_size"],
+                           batch["sequence_length"])
+    decoder = objective_name(model["objective"]["class_path"]) == "reconstruction"
+    return updates * PUBLISHED_GPU_HOURS["reconstruction" if decoder else "barlow"] / PUBLISHED_UPDATES
+
+
+def read_preset(path: Path) -> dict:
+    """A preset's config (relative to the repository), tasks, objectives and seeds, or a clear refusal."""
+    if not path.is_file():
+        raise ValueError(f"--preset {path}: no such file; the presets are in {REPO / 'configs' / 'paper'}")
+    preset = read_yaml(path)
+    unknown = sorted(set(preset) - set(PRESET_KEYS))
+    if unknown:
+        raise ValueError(f"--preset {path}: unknown keys {unknown}; a preset has {', '.join(PRESET_KEYS)}")
+    if "config" in preset:
+        preset["config"] = REPO / preset["config"]
+    return preset
 
 
 def benchmark_of(config: Path) -> tuple[str, str]:
@@ -43,11 +108,17 @@ def sweep_commands(
     config: Path, tasks: list[str], objectives: list[str], seeds: list[int], root: Path, tracking_uri: str, extra: list[str]
 ) -> list[list[str]]:
     """One `python -m wm fit` command per (task, objective, seed)."""
-    unknown = [o for o in objectives if o not in OBJECTIVES]
+    unknown = [o for o in objectives if o not in objective_configs()]
     if unknown:
-        raise ValueError(f"unknown objectives {unknown}; choose from {', '.join(OBJECTIVES)}")
+        raise ValueError(f"unknown objectives {unknown}; choose from {', '.join(objective_configs())}")
     experiment, default_task = benchmark_of(config)
     tasks = tasks or [default_task]
+    from wm.envs import SUITES, available_tasks  # the simulators load only once a sweep is really made
+
+    unknown = [t for t in tasks if t not in available_tasks()]
+    if unknown:
+        suites = sorted({t.partition("-")[0] for t in unknown} & set(SUITES))
+        raise ValueError(f"unknown tasks {unknown}; valid: {', '.join(available_tasks(suites or None))}")
     tracking_uri = tracking_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
     commands = []
     for task, objective, seed in itertools.product(tasks, objectives, seeds):
@@ -121,12 +192,26 @@ def run_locally(commands: list[list[str]], parallel: int = 1, log_dir: Path | No
     return 1 if failed else 0
 
 
+def print_gpu_hours(config: Path, objectives: list[str], runs_per_objective: int) -> None:
+    """The sweep's expected GPU-hours, per objective and in all (to stderr: --dry-run prints commands)."""
+    hours = {objective: expected_gpu_hours(config, objective) for objective in objectives}
+    if None in hours.values():
+        return
+    per_run = ", ".join(f"{objective} {h:.2g} h" for objective, h in hours.items())
+    total = runs_per_objective * sum(hours.values())
+    print(f"expected: about {total:,.0f} GPU-hours on an RTX 3080 Ti ({runs_per_objective * len(objectives):,} runs; "
+          f"per run {per_run}), scaled from R2-Dreamer's published wall-clock by update count", file=sys.stderr)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m wm.sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="benchmark config, e.g. configs/dmc.yaml")
-    parser.add_argument("--tasks", nargs="*", default=[], help="tasks (default: the config's task)")
-    parser.add_argument("--objectives", nargs="+", default=["barlow"], choices=list(OBJECTIVES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--preset", type=Path, default=None,
+                        help="a published experiment's config, tasks, objectives and seeds, e.g. configs/paper/dmc.yaml")
+    parser.add_argument("--config", type=Path, default=None, help="benchmark config, e.g. configs/dmc.yaml")
+    parser.add_argument("--tasks", nargs="*", default=None, help="tasks (default: the config's task)")
+    parser.add_argument("--objectives", nargs="+", default=None, choices=objective_configs(),
+                        help="objectives or ablations (default: barlow)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="(default: 0)")
     parser.add_argument("--root", type=Path, default=None, help="run folder root (default: runs/<experiment>)")
     parser.add_argument("--tracking-uri", default="", help="MLflow store shared by the runs (default: <root>/mlflow.db)")
     parser.add_argument("--slurm", type=Path, default=None, help="write a SLURM job-array script here instead of running")
@@ -137,14 +222,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def resolve(args: argparse.Namespace) -> tuple[Path, list[list[str]]]:
+    """The sweep's root and commands: the command line's options, then the preset's, then the defaults."""
+    preset = read_preset(args.preset) if args.preset else {}
+    for key, default in {"config": None, "tasks": [], "objectives": ["barlow"], "seeds": [0]}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, default))
+    if args.config is None:
+        raise ValueError("give --config (a benchmark config, e.g. configs/dmc.yaml) or --preset (e.g. configs/paper/dmc.yaml)")
+    root = args.root or Path("runs") / benchmark_of(args.config)[0]
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    return root, sweep_commands(args.config, args.tasks, args.objectives, args.seeds, root, args.tracking_uri, extra)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.parallel < 1:
         raise SystemExit(f"--parallel {args.parallel}: give at least 1 (runs at once)")
-    experiment, _ = benchmark_of(args.config)
-    root = args.root or Path("runs") / experiment
-    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    commands = sweep_commands(args.config, args.tasks, args.objectives, args.seeds, root, args.tracking_uri, extra)
+    try:
+        root, commands = resolve(args)
+    except ValueError as e:  # bad input: a clear message, and nothing was created
+        raise SystemExit(f"error: {e}") from None
+    print_gpu_hours(args.config, args.objectives, len(commands) // len(args.objectives))
     if args.dry_run:
         print("\n".join(shlex.join(c) for c in commands))
         return 0
@@ -152,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tracking_uri:  # the runs' shared store, made before they start together
         create_store(root / "mlflow.db")
     if args.slurm:
-        args.slurm.write_text(slurm_script(commands, f"wm-{experiment}", args.slurm_option))
+        args.slurm.write_text(slurm_script(commands, f"wm-{benchmark_of(args.config)[0]}", args.slurm_option))
         print(f"wrote {args.slurm}: {len(commands)} array tasks; submit with `sbatch {args.slurm}`")
         return 0
     log_dir = None
