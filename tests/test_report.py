@@ -127,7 +127,9 @@ def test_random_baselines_and_a_results_page_kept_around_its_prose(tmp_path, cap
             client.log_batch(run.info.run_id, params=[
                 Param("env.task", task), Param("model.objective.class_path", "wm.objectives.Barlow"),
                 Param("seed_everything", str(seed)), Param("env.action_repeat", "1")],
-                metrics=[Metric("eval/return", 0.5 + 0.1 * seed, 0, frames) for frames in (1000, 2000)])
+                metrics=[Metric("eval/return", 0.5 + 0.1 * seed, 0, frames) for frames in (1000, 2000)]
+                + [Metric("episode/return", value, 0, frames) for value, frames in ((-1.0, 500), (0.5, 1000), (0.25, 2000))]
+                + [Metric("episode/count", count, 0, frames) for count, frames in ((30, 500), (8, 1000), (4, 2000))])
     page = tmp_path / "docs" / "results.md"
     page.parent.mkdir()
     page.write_text("# Results\n\nprose before\n\n<!-- begin: written by python -m wm.report; edits between these "
@@ -153,6 +155,8 @@ def test_random_baselines_and_a_results_page_kept_around_its_prose(tmp_path, cap
             returns.append(total)
         row = next(line for line in text.splitlines() if line.startswith(f"| {task} | barlow | 2 | 2000 |"))
         assert row.split(" | ")[-2] == f"{np.mean(returns):.2f} ({len(returns)})"
+        # training: the last 10 episodes reach back over whole logging intervals, 4 + 8 episodes here
+        assert row.split(" | ")[-3] == f"{(4 * 0.25 + 8 * 0.5) / 12:.1f}"
         assert -1.0 < np.mean(returns) < 0.0 and len(returns) > 10  # a random paddle misses most balls
     assert main(args) == 0 and page.read_text() == text  # run again: the same page, prose kept once
     # a page without the markers is refused before anything is written

@@ -4,7 +4,8 @@ Reads every training run of one MLflow experiment (tasks x objectives x seeds, a
 makes them) and writes into `--out`, and as artifacts of a report run in the same store:
 - `curves.png`: per task, the greedy eval return against env frames, mean and 95% Student-t
   interval over seeds per objective, with DreamerV3's published curve where the task has one;
-- `final.csv`: each run's final eval return (and success rate) and its normalised score;
+- `final.csv`: per task and objective, the final eval return (and success rate), its normalised
+  score, and the return of the last training episodes; `runs.csv`: the same per run;
 - `aggregates.csv`, `aggregates.png`: mean, median, interquartile mean (IQM) and optimality gap of
   the normalised final scores per objective, with 95% stratified-bootstrap intervals, and
   `profiles.png`, the performance profiles, both computed by `rliable`;
@@ -44,6 +45,7 @@ from wm.reference import REFERENCE_METHOD, Curve, normalized_score, reference_at
 
 REPORT_TAG = "wm.report"  # marks the report runs, which the next report skips
 AGGREGATES = ("mean", "median", "IQM", "optimality gap")
+TRAIN_EPISODES = 10  # training episodes averaged for the "training" column
 
 
 @dataclass
@@ -58,6 +60,7 @@ class RunResult:
     returns: np.ndarray  # mean greedy return of each evaluation
     successes: np.ndarray  # mean success of each evaluation (0 where a task has no success signal)
     action_repeat: int = 1
+    train_return: float = float("nan")  # mean return of the last training episodes (`last_episodes_return`)
 
     @property
     def final_return(self) -> float:
@@ -87,6 +90,18 @@ def history(client: MlflowClient, run_id: str, key: str) -> tuple[np.ndarray, np
     return np.asarray(steps, float), np.asarray(values, float)
 
 
+def last_episodes_return(returns: np.ndarray, counts: np.ndarray, episodes: int = TRAIN_EPISODES) -> float:
+    """Mean return of the last `episodes` training episodes (or a few more, whole logging intervals),
+    from `episode/return` and `episode/count`: each log is the mean of the episodes that ended since
+    the previous one, and how many. Fewer evaluation episodes than this are noisy on tasks like reacher."""
+    total, seen = 0.0, 0.0
+    for value, count in zip(returns[::-1], counts[::-1]):
+        total, seen = total + value * count, seen + count
+        if seen >= episodes:
+            break
+    return total / seen if seen else float("nan")
+
+
 def load_runs(client: MlflowClient, experiment: str, metric: str = "eval/return") -> list[RunResult]:
     """Every training run of `experiment` with at least one evaluation, oldest first."""
     found = client.get_experiment_by_name(experiment)
@@ -103,10 +118,12 @@ def load_runs(client: MlflowClient, experiment: str, metric: str = "eval/return"
             continue
         success_steps, successes = history(client, run.info.run_id, "eval/success")
         successes = np.interp(steps, success_steps, successes) if len(success_steps) else np.zeros_like(returns)
+        _, episode_returns = history(client, run.info.run_id, "episode/return")
+        _, episode_counts = history(client, run.info.run_id, "episode/count")
         objective = params.get("run.variant") or objective_name(params.get("model.objective.class_path"))
         results.append(RunResult(run.info.run_name, params["env.task"], objective,
                                  int(params.get("seed_everything", 0)), steps, returns, successes,
-                                 int(params.get("env.action_repeat", 1))))
+                                 int(params.get("env.action_repeat", 1)), last_episodes_return(episode_returns, episode_counts)))
     return results
 
 
@@ -187,6 +204,7 @@ def final_rows(results: list[RunResult], random: dict[str, np.ndarray] | None = 
             "task": task, "objective": objective, "seeds": len(runs), "frames": int(frames),
             "return_mean": float(mean), "return_ci_low": float(low), "return_ci_high": float(high),
             "success_mean": float(np.mean([r.successes[-1] for r in runs])),
+            "train_return_mean": float(np.mean([r.train_return for r in runs])),
             "normalised_mean": None if None in normalised else float(np.mean(normalised)),
             "random_return": float(random[task].mean()) if random and task in random else None,
             "random_episodes": len(random[task]) if random and task in random else 0,
@@ -266,14 +284,16 @@ def markdown(experiment: str, command: str, results: list[RunResult], rows: list
              "Mean over seeds [95% Student-t interval] at the last evaluation; normalised as below; random: "
              + (f"the mean return of uniformly random actions over whole episodes totalling at least {random_frames:,} "
                 "env frames per task (their number in parentheses)" if random_frames else "not measured (--random-frames)")
-             + "; DreamerV3: its published mean at the same env frames (+-20k), where it has the task.", "",
-             "| task | objective | seeds | env frames | return | normalised | random | DreamerV3 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             + f"; training: the mean return of each run's last {TRAIN_EPISODES} training episodes (sampled actions), "
+             "over seeds; DreamerV3: its published mean at the same env frames (+-20k), where it has the task.", "",
+             "| task | objective | seeds | env frames | return | normalised | training | random | DreamerV3 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         interval = f" [{fmt(row['return_ci_low'])}, {fmt(row['return_ci_high'])}]" if row["seeds"] > 1 else ""
         random = fmt(row["random_return"], 2) + (f" ({row['random_episodes']})" if row["random_episodes"] else "")
         lines.append(f"| {row['task']} | {row['objective']} | {row['seeds']} | {row['frames']} | "
-                     f"{fmt(row['return_mean'])}{interval} | {fmt(row['normalised_mean'], 3)} | {random} | "
+                     f"{fmt(row['return_mean'])}{interval} | {fmt(row['normalised_mean'], 3)} | "
+                     f"{fmt(row['train_return_mean'])} | {random} | "
                      f"{fmt(row['dreamerv3_at_frames'])} |")
     lines += ["", f"![learning curves]({folder}curves.png)", ""]
     if aggregates is None:
@@ -333,7 +353,7 @@ def make_report(tracking_uri: str, experiment: str, out: Path, reps: int = 2000,
     aggregates = aggregate(results, reps)
     write_csv(out / "final.csv", rows)
     write_csv(out / "runs.csv", [{"run": r.name, "task": r.task, "objective": r.objective, "seed": r.seed,
-                                  "frames": int(r.steps[-1]), "final_return": r.final_return,
+                                  "frames": int(r.steps[-1]), "final_return": r.final_return, "train_return": r.train_return,
                                   "final_success": float(r.successes[-1]), "normalised": r.final_score} for r in results])
     if aggregates is not None:
         write_csv(out / "aggregates.csv", [
