@@ -225,11 +225,9 @@ def plot_curves(results: list[RunResult], path: Path) -> dict[str, dict[str, Cur
     for ax, task in zip(axes.flat, tasks):
         curves = {objective: seed_curve(runs) for (t, objective), runs in cells.items() if t == task}
         end = max(curve.steps[-1] for curve in curves.values())
-        reference = reference_curve(task)
+        reference = reference_curve(task, until=end * 1.05)
         if reference is not None:
-            keep = reference.steps <= max(end * 1.05, reference.steps[0])
-            curves[REFERENCE_METHOD] = Curve(reference.steps[keep], reference.mean[keep], reference.low[keep],
-                                             reference.high[keep], reference.seeds)
+            curves[REFERENCE_METHOD] = reference
         for label, curve in curves.items():
             style = {"color": "black", "linestyle": "--"} if label == REFERENCE_METHOD else {}
             line, = ax.plot(curve.steps, curve.mean, label=f"{label} ({curve.seeds} seeds)", **style)

@@ -84,22 +84,26 @@ def reference_runs(task: str) -> list[dict]:
     return [run for run in published_runs(file) if run["task"] == f"{prefix}_{name}"]
 
 
-def reference_curve(task: str, bins: int = 50) -> Curve | None:
-    """DreamerV3's published curve of `task`: each seed's returns averaged in `bins` equal windows of
-    env frames (its evaluations come in irregular bursts), then the mean and interval over seeds."""
+def reference_curve(task: str, bins: int = 50, until: float | None = None) -> Curve | None:
+    """DreamerV3's published curve of `task` up to `until` env frames (default: all of it): each
+    seed's returns averaged in `bins` equal windows of env frames (its evaluations come in irregular
+    bursts), then the mean and interval over seeds. A short run's plot gets windows of its own range."""
     runs = reference_runs(task)
     if not runs:
         return None
-    end = max(max(run["xs"]) for run in runs)
+    end = until or max(max(run["xs"]) for run in runs)
     edges = np.linspace(0.0, end, bins + 1)
     per_seed = []
     for run in runs:
         xs, ys = np.asarray(run["xs"], float), np.asarray(run["ys"], float)
+        xs, ys = xs[xs <= end], ys[xs <= end]
         index = np.clip(np.digitize(xs, edges) - 1, 0, bins - 1)
         sums, counts = np.bincount(index, ys, bins), np.bincount(index, minlength=bins)
         per_seed.append(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
     per_seed = np.asarray(per_seed)
     keep = ~np.isnan(per_seed).all(0)  # windows with a point of at least one seed
+    if not keep.any():
+        return None
     mean, low, high = t_interval(per_seed[:, keep])
     return Curve((edges[:-1] + edges[1:])[keep] / 2, mean, low, high, len(runs))
 
