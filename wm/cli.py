@@ -60,7 +60,7 @@ class RunConfig:
 def default_run_name(config) -> str:
     """"<task>-<variant or objective>-s<seed>": the task names the suite (benchmark) too."""
     objective = config.model.objective
-    short = config.run.variant or objective_name(objective.class_path if objective else None)
+    short = objective_name(objective.class_path if objective else None, config.run.variant)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{config.env.task}-{short}-s{config.seed_everything}")
 
 

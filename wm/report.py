@@ -120,8 +120,8 @@ def load_runs(client: MlflowClient, experiment: str, metric: str = "eval/return"
         successes = np.interp(steps, success_steps, successes) if len(success_steps) else np.zeros_like(returns)
         _, episode_returns = history(client, run.info.run_id, "episode/return")
         _, episode_counts = history(client, run.info.run_id, "episode/count")
-        objective = params.get("run.variant") or objective_name(params.get("model.objective.class_path"))
-        results.append(RunResult(run.info.run_name, params["env.task"], objective,
+        results.append(RunResult(run.info.run_name, params["env.task"],
+                                 objective_name(params.get("model.objective.class_path"), params.get("run.variant")),
                                  int(params.get("seed_everything", 0)), steps, returns, successes,
                                  int(params.get("env.action_repeat", 1)), last_episodes_return(episode_returns, episode_counts)))
     return results

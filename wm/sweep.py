@@ -98,7 +98,7 @@ def read_preset(path: Path) -> dict:
 
 def benchmark_of(config: Path) -> tuple[str, str]:
     """(experiment name, default task) of a benchmark config."""
-    data = yaml.safe_load(config.read_text()) or {}
+    data = read_yaml(config)
     experiment = (data.get("run") or {}).get("experiment") or config.stem
     task = (data.get("env") or {}).get("task")
     return experiment, task
@@ -108,14 +108,16 @@ def sweep_commands(
     config: Path, tasks: list[str], objectives: list[str], seeds: list[int], root: Path, tracking_uri: str, extra: list[str]
 ) -> list[list[str]]:
     """One `python -m wm fit` command per (task, objective, seed)."""
-    unknown = [o for o in objectives if o not in objective_configs()]
+    valid = objective_configs()
+    unknown = [o for o in objectives if o not in valid]
     if unknown:
-        raise ValueError(f"unknown objectives {unknown}; choose from {', '.join(objective_configs())}")
+        raise ValueError(f"unknown objectives {unknown}; choose from {', '.join(valid)}")
     experiment, default_task = benchmark_of(config)
     tasks = tasks or [default_task]
     from wm.envs import SUITES, available_tasks  # the simulators load only once a sweep is really made
 
-    unknown = [t for t in tasks if t not in available_tasks()]
+    known = set(available_tasks())
+    unknown = [t for t in tasks if t not in known]
     if unknown:
         suites = sorted({t.partition("-")[0] for t in unknown} & set(SUITES))
         raise ValueError(f"unknown tasks {unknown}; valid: {', '.join(available_tasks(suites or None))}")

@@ -14,9 +14,12 @@ OBJECTIVES = {"barlow": Barlow, "reconstruction": Reconstruction, "mudreamer": M
 DEFAULT_OBJECTIVE = "barlow"  # R2-Dreamer's; used when a config or an Agent names none
 
 
-def objective_name(class_path: str | None) -> str:
+def objective_name(class_path: str | None, variant: str | None = None) -> str:
     """The short name of an objective's class path ("wm.objectives.Barlow" -> "barlow"); a class of
-    another package gets its lower-cased class name, and none the default."""
+    another package gets its lower-cased class name, and none the default. An ablation's `variant`
+    (run.variant, e.g. "barlow_augment") stands for it: runs and report cells go by that name."""
+    if variant:
+        return variant
     if not class_path:
         return DEFAULT_OBJECTIVE
     class_name = class_path.rsplit(".", 1)[-1]
