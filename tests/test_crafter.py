@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.test_training import TINY
-from wm.cli import main
-from wm.envs import make_env
-from wm.envs.crafter import CRAFTER_ACHIEVEMENTS, crafter_score
+pytest.importorskip("crafter", reason="the crafter extra is not installed (pip install -e '.[crafter]')")
+
+from tests.test_training import TINY  # noqa: E402
+from wm.cli import main  # noqa: E402
+from wm.envs import make_env  # noqa: E402
+from wm.envs.crafter import CRAFTER_ACHIEVEMENTS, crafter_score  # noqa: E402
 
 
 def test_steps_from_pixels_and_reports_every_achievement():
@@ -46,7 +48,7 @@ def test_the_crafter_score_is_the_shifted_geometric_mean_of_percentages():
 def test_a_short_fit_logs_achievement_rates_and_the_score(tmp_path):
     main(["fit", *TINY, "--run.root", str(tmp_path), "--env.task", "crafter-reward", "--env.action_repeat", "1",
           "--env.time_limit", "40", "--env.total_steps", "160", "--env.eval_every", "80", "--env.eval_videos", "1"])
-    client = MlflowClient(f"sqlite:///{tmp_path / 'tiny' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])[0]
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics

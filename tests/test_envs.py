@@ -236,3 +236,22 @@ def test_gymnasium_make():
     assert obs["image"].shape == (64, 64, 3)
     assert env.step(1)[0]["image"].dtype == np.uint8
     assert "wm/dmc-walker_walk" in gym.registry and "wm/toy-point_reach" in gym.registry
+
+
+@pytest.mark.parametrize("task, module, extra", [("crafter-reward", "crafter", "crafter"),
+                                                 ("memory_maze-9x9", "gym", "memory_maze")])
+def test_a_missing_optional_simulator_is_one_line_naming_its_extra(task, module, extra, tmp_path, monkeypatch, capsys):
+    """The Crafter and Memory Maze simulators are extras; without one, building its task says which
+    extra to install, and `python -m wm fit` refuses in one line before anything is made."""
+    from wm.cli import main
+    from wm.envs.base import MissingSimulator
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if the package were not installed
+    monkeypatch.delitem(sys.modules, "memory_maze", raising=False)
+    with pytest.raises(MissingSimulator, match=rf"the {task.split('-')[0]} tasks need the '{extra}' extra.*"
+                                               rf"pip install -e '\.\[{extra}\]'") as refused:
+        make_env(task)
+    assert "\n" not in str(refused.value) and f"no module '{module}'" in str(refused.value)
+    with pytest.raises(MissingSimulator):
+        main(["fit", "--config", "configs/quickstart.yaml", "--env.task", task, "--run.root", str(tmp_path)])
+    assert not any(tmp_path.iterdir())

@@ -8,9 +8,11 @@ import pytest
 from gymnasium.wrappers import TimeLimit
 from mlflow import MlflowClient
 
-from tests.test_training import TINY
-from wm.cli import main
-from wm.envs import make_env
+pytest.importorskip("memory_maze", reason="the memory_maze extra is not installed (pip install -e '.[memory_maze]')")
+
+from tests.test_training import TINY  # noqa: E402
+from wm.cli import main  # noqa: E402
+from wm.envs import make_env  # noqa: E402
 
 
 def test_a_9x9_maze_from_pixels_with_1000_step_episodes():
@@ -33,7 +35,7 @@ def test_a_9x9_maze_from_pixels_with_1000_step_episodes():
 def test_a_short_fit_logs_to_mlflow(tmp_path):
     main(["fit", *TINY, "--run.root", str(tmp_path), "--env.task", "memory_maze-9x9", "--env.action_repeat", "1",
           "--env.time_limit", "40", "--env.total_steps", "120", "--env.eval_every", "60"])
-    client = MlflowClient(f"sqlite:///{tmp_path / 'tiny' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])[0]
     assert run.info.status == "FINISHED" and run.data.params["env.task"] == "memory_maze-9x9"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/return")][-1] >= 120

@@ -7,6 +7,21 @@ import numpy as np
 from gymnasium import spaces
 
 
+class MissingSimulator(ImportError):
+    """A suite's simulator is an optional extra of wm that is not installed here."""
+
+
+def import_simulator(module: str, extra: str, suite: str):
+    """`module`, or a one-line error naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:  # the simulator, or a package it imports (memory_maze: gym)
+        raise MissingSimulator(f"the {suite} tasks need the {extra!r} extra, which is not installed here (no module "
+                               f"{e.name!r}): pip install -e '.[{extra}]' in the wm repository") from None
+
+
 class PixelEnv(gym.Env):
     """Declares the image observation space and keeps the last frame, so render() costs nothing."""
 

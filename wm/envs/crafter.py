@@ -5,8 +5,9 @@ gained or lost. Episodes end when the player dies (terminal) or after 10,000 ste
 Every step reports `achievement/<name>`: whether the episode has unlocked it so far, which the
 env loop turns into per-achievement success rates and the Crafter score.
 
-`crafter` is imported only when an env is built: it imports the retired `gym` package where one
-is installed (memory-maze needs it), which prints a notice.
+`crafter` is an optional extra (`pip install -e '.[crafter]'`), imported only when an env is built:
+it imports the retired `gym` package where one is installed (memory-maze needs it), which prints a
+notice.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
-from wm.envs.base import PixelEnv
+from wm.envs.base import PixelEnv, import_simulator
 
 CRAFTER_ACHIEVEMENTS = (  # crafter.constants.achievements, in its order
     "collect_coal", "collect_diamond", "collect_drink", "collect_iron", "collect_sapling", "collect_stone",
@@ -38,8 +39,7 @@ class CrafterEnv(PixelEnv):
     episode_steps = None  # crafter ends its episodes itself
 
     def __init__(self, image_size: int = 64) -> None:
-        import crafter
-
+        crafter = import_simulator("crafter", "crafter", "crafter")
         super().__init__(image_size)
         self._size = image_size
         self._make = crafter.Env

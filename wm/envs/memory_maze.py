@@ -2,8 +2,9 @@
 from first-person 64x64 pixels; rewards +1 per target reached, and the maze must be remembered to
 find the next one fast. Episodes end by truncation: 1000 steps for 9x9 (4 actions per second).
 
-`memory_maze` imports the retired `gym` package to register its own gym envs, so it is imported
-only when a maze is built; it renders with MuJoCo like dm_control.
+`memory_maze` is an optional extra (`pip install -e '.[memory_maze]'`, with the retired `gym`
+package that it imports to register its own gym envs), imported only when a maze is built; it
+renders with MuJoCo like dm_control.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
-from wm.envs.base import PixelEnv
+from wm.envs.base import PixelEnv, import_simulator
 from wm.envs.dmc import gl_error
 
 MAZE_SIZES = {"9x9": 1000, "11x11": 2000, "13x13": 3000, "15x15": 4000}  # size -> steps per episode
@@ -32,6 +33,7 @@ class MemoryMazeEnv(PixelEnv):
         self.action_space = spaces.Discrete(int(self._env.action_spec().num_values))
 
     def _build(self, seed: int | None):
+        import_simulator("memory_maze", "memory_maze", "memory_maze")
         try:
             from memory_maze import tasks
         except Exception as e:  # a missing GL library surfaces as ImportError, AttributeError or OSError
