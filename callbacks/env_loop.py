@@ -3,8 +3,8 @@
 Random prefill first, then after every update as many environment steps as the train ratio asks
 (docs/algorithm.md §1 "Data"), acting with the agent's policy. Episode returns, lengths and success are
 logged; counters live in `state_dict` so a resumed run continues its step count. Greedy
-evaluations (callbacks/evaluation.py) run during training and, for `python -m wm test`, as the
-test loop's batches, logged at the env frames of the checkpoint under test.
+evaluations (callbacks/evaluation.py) run during training and, for `python -m wm test` and
+`predict`, as the test and predict loops' batches, logged at the env frames of the checkpoint under test.
 
 Its phases are timed for `python -m wm.bench fit` (wm.profiling.phase, free unless a benchmark
 records): "env" (stepping the envs and storing the steps), "act" (the policy's actions for the
@@ -93,7 +93,10 @@ class EnvLoop(L.Callback):
         eval_every: environment frames between greedy evaluations (0: only at the end).
         eval_episodes: episodes per evaluation (and of `python -m wm test`).
         eval_videos: evaluation episodes recorded side by side in an mp4 artifact (0: no video).
-        seed: environment seed; rank r of a multi-process run uses seed + 1000 r.
+        seed: seed of the env resets and random prefill actions (evaluation envs: seed + 10^6);
+            rank r of a multi-process run uses seed + 1000 r. None: `python -m wm` derives it
+            from the run's seed (`seed_everything`, see wm.runs.derived_seed); 0 for an EnvLoop
+            made in code.
         video_dir: background videos of dmc_distracting tasks (train/ and eval/ sub-folders);
             none: the built-in procedural backgrounds.
     """
@@ -110,14 +113,14 @@ class EnvLoop(L.Callback):
         eval_every: int = 0,
         eval_episodes: int = 10,
         eval_videos: int = 4,
-        seed: int = 0,
+        seed: int | None = None,
         video_dir: str | None = None,
     ):
         super().__init__()
         self.task, self.num_envs, self.action_repeat, self.time_limit = task, num_envs, action_repeat, time_limit
         self.total_steps, self.prefill, self.train_ratio = total_steps, prefill, train_ratio
         self.eval_every, self.eval_episodes, self.eval_videos = eval_every, eval_episodes, eval_videos
-        self.seed, self.video_dir = seed, video_dir
+        self.seed, self.video_dir = 0 if seed is None else seed, video_dir
         probe = self._make_env(seed)
         self.spec = env_spec(probe)
         probe.close()
@@ -193,9 +196,9 @@ class EnvLoop(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.rank_seed = self.seed + 1000 * trainer.global_rank
-        if stage == "test":
+        if stage in ("test", "predict"):
             # Results are logged at the env frames of the checkpoint under test, which the test
-            # loop (unlike a resumed fit) does not restore into the callbacks.
+            # and predict loops (unlike a resumed fit) do not restore into the callbacks.
             if trainer.ckpt_path:
                 state = torch.load(trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=True)["callbacks"]
                 self.env_steps, self.episodes = state[self.state_key]["env_steps"], state[self.state_key]["episodes"]
@@ -433,6 +436,9 @@ class EnvLoop(L.Callback):
                                         f"images/saliency_{self.env_steps:09d}.png")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.close()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.close()
 
     # --------------------------------------------------------------------------- logging

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from callbacks.env_loop import FRAMES_BAR, EnvLoop
 from callbacks.interrupt import interrupt_signal
 from wm.durations import format_duration
-from wm.logger import EnvStepMLFlowLogger
+from wm.logger import EnvStepMLFlowLogger, ui_address
 
 
 def env_loop(trainer: L.Trainer) -> EnvLoop | None:
@@ -95,7 +95,8 @@ class RunSummary(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started, self.printed = time.monotonic(), False
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after every callback's on_train_end: the final evaluation and checkpoint are done
         self.print_summary(trainer, interrupted=interrupt_signal(trainer) is not None)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -127,5 +128,5 @@ class RunSummary(L.Callback):
         if logger is not None and logger.run_id:
             experiment_id = logger.experiment.get_run(logger.run_id).info.experiment_id
             lines.append(f"  open it: mlflow ui --backend-store-uri {shlex.quote(self.tracking_uri)}")
-            lines.append(f"    then http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{logger.run_id}")
+            lines.append(f"    then {ui_address(experiment_id, logger.run_id)}")
         return lines

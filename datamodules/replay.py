@@ -120,7 +120,9 @@ class ReplayDataModule(L.LightningDataModule):
             device with non_blocking=True. On a CPU-only machine auto is the CPU.
         memmap_dir: keep the buffer in memory-mapped files in this directory (CPU only; auto
             then keeps it on the CPU).
-        seed: sampling seed; the global rank is added under a trainer.
+        seed: replay sampling seed; the global rank is added under a trainer. None: `python -m wm`
+            derives it from the run's seed (`seed_everything`, see wm.runs.derived_seed); 0 for a
+            data module made in code.
     """
 
     def __init__(
@@ -130,7 +132,7 @@ class ReplayDataModule(L.LightningDataModule):
         capacity: int = 1_000_000,
         storage: str = "auto",
         memmap_dir: str | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         super().__init__()
         if storage not in STORAGE:
@@ -140,7 +142,8 @@ class ReplayDataModule(L.LightningDataModule):
         self.buffer: ReplayBuffer | None = None
         self.sequences: ReplaySequences | None = None
         self.store: ReplayStore | None = None  # the store of the folder last saved to or loaded from
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = 0 if seed is None else seed
+        self.generator = torch.Generator().manual_seed(self.seed)
         self._rank_seeded = False
         self.pin_memory = False  # batches gathered into pinned memory: a CPU buffer for a CUDA model
         self.test_episodes: Callable[[], Iterator[Any]] | None = None
@@ -181,7 +184,7 @@ class ReplayDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Give every rank its own sample stream (once, so a restored state is kept)."""
         if self.trainer is not None and not self._rank_seeded:
-            self.generator.manual_seed(self.hparams.seed + self.trainer.global_rank)
+            self.generator.manual_seed(self.seed + self.trainer.global_rank)
             self._rank_seeded = True
 
     def train_dataloader(self) -> DataLoader:
@@ -195,8 +198,13 @@ class ReplayDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if self.test_episodes is None:
-            raise RuntimeError("`test` plays evaluation episodes: it needs the environment callback (callbacks.EnvLoop)")
+            raise RuntimeError("`test` and `predict` play evaluation episodes: they need the environment callback "
+                               "(callbacks.EnvLoop)")
         return DataLoader(TestEpisodes(self.test_episodes), batch_size=None, collate_fn=lambda episode: episode)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The same greedy episodes as `test`'s, for `predict`, which keeps them instead of logging them."""
+        return self.test_dataloader()
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """The batch's tensors to the model's device (nothing to do for a buffer already there;

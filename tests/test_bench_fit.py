@@ -3,6 +3,7 @@ reports env frames/s, updates/s and shares of wall time that add up, in a tempor
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -26,6 +27,7 @@ def restore_threads():
 
 def test_fit_benchmark_reports_shares_that_add_up(tmp_path, monkeypatch, capsys, restore_threads):
     monkeypatch.chdir(tmp_path)  # a run root left in the working directory would show here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -50,5 +52,6 @@ def test_fit_benchmark_reports_shares_that_add_up(tmp_path, monkeypatch, capsys,
         assert share[name] > 0, (name, out)
     assert re.search(r"^update phases \(share of update time\): encode", out, re.M)
     assert wm.profiling._recorder is None, "recording is off again"
+    assert "MLFLOW_TRACKING_URI" not in os.environ, "the temporary store does not leak into later runs of the process"
     assert list(scratch.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"], \
         "the run lived in a temporary root, removed afterwards"

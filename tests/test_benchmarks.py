@@ -31,10 +31,10 @@ def test_benchmark_config_fits_and_logs(tmp_path, benchmark, objective):
     short_episodes = ["--env.time_limit", "6"]  # so that episodes, and their success, are logged
     main(["fit", "--config", str(config), "--config", str(REPO / f"configs/objective/{objective}.yaml"), *SMALL,
           *short_episodes, "--run.root", str(tmp_path)])
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = (p for p in tmp_path.iterdir() if p.is_dir() and p.name != "artifacts")
     task = yaml.safe_load(config.read_text())["env"]["task"]
     assert run_dir.name == f"{task}-{objective}-s0"  # suite (benchmark), task, objective, seed
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name(benchmark).experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["env.task"] == task
     assert client.get_metric_history(run.info.run_id, "train/world_model/loss")

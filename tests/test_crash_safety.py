@@ -74,9 +74,9 @@ def writing(checkpoints: Path, pid: int) -> bool:
 
 def logged_frames(run_dir: Path) -> int:
     """The furthest env frame count the run logged to MLflow (0 before any)."""
-    if not (run_dir / "mlflow.db").exists():
+    if not (run_dir.parent / "mlflow.db").exists():
         return 0
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     return max((m.step for r in runs for m in client.get_metric_history(r.info.run_id, "train/updates")), default=0)
 
@@ -197,7 +197,7 @@ def test_refused_and_read_only_commands_leave_a_finished_run_alone(tmp_path):
     run_dir = tmp_path / "tiny"
     files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "mlflow.db"}
     _, before = client_for(run_dir)
-    for command, *extra in (["validate"], ["test"], ["fit", "--data.batch_size", "0", "--ckpt_path", "last"],
+    for command, *extra in (["predict"], ["test"], ["fit", "--data.batch_size", "0", "--ckpt_path", "last"],
                             ["fit", "--env.total_steps", "48"]):
         result = subprocess.run([sys.executable, "-m", "wm", command, *TINY, "--run.root", str(tmp_path), *extra],
                                 cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -210,7 +210,7 @@ def test_refused_and_read_only_commands_leave_a_finished_run_alone(tmp_path):
     result = subprocess.run([sys.executable, "-m", "wm", "fit", *TINY, "--run.root", str(tmp_path),
                              "--env.total_steps", "48", "--ckpt_path", "last"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "corrupted or truncated" in result.stderr and "Traceback" not in result.stderr
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([before.info.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == before.info.run_id
     assert runs[0].data.params == before.data.params

@@ -38,7 +38,7 @@ def test_a_short_fit_from_states_logs_to_mlflow(tmp_path, objective):
     main(["fit", *TINY, "--config", str(REPO / f"configs/objective/{objective}.yaml"), "--run.root", str(tmp_path),
           "--env.task", "dmc_proprio-cartpole_balance", "--env.action_repeat", "2", "--env.total_steps", "120",
           "--env.eval_every", "60", "--env.eval_videos", "0"])
-    client = MlflowClient(f"sqlite:///{tmp_path / 'tiny' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])[0]
     assert run.info.status == "FINISHED" and run.data.params["env.task"] == "dmc_proprio-cartpole_balance"
     returns = client.get_metric_history(run.info.run_id, "eval/return")

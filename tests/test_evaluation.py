@@ -39,14 +39,14 @@ def trained(tmp_path_factory) -> Path:
 
 def test_test_logs_its_episodes_into_the_run_and_leaves_it_finished(trained, tmp_path):
     run_dir = trained / "tiny"
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FINISHED"
     frames = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["callbacks"]
     frames = next(v for k, v in frames.items() if k.startswith("EnvLoop"))["env_steps"]
     before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").glob("*.ckpt")}
 
-    with pytest.raises(CheckpointError, match="ckpt_path is not set: test evaluates a trained agent"):
+    with pytest.raises(CheckpointError, match="ckpt_path is not set: test plays a trained agent"):
         main(["test", *TINY, "--run.root", str(trained)])  # an untrained agent's episodes would enter the run
     main(["test", *TINY, "--run.root", str(trained), "--ckpt_path", "last",  # this run's last.ckpt
           "--model.objective.init_args.probe_decoder", "true",  # the run's own config
@@ -76,6 +76,33 @@ def test_test_logs_its_episodes_into_the_run_and_leaves_it_finished(trained, tmp
     images = Path(client.download_artifacts(run.info.run_id, "images", str(tmp_path)))
     assert iio.imread(images / f"saliency_{frames:09d}.png").shape == (256, 512, 3)
     assert before == {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").glob("*.ckpt")}
+
+
+def test_test_and_predict_need_only_the_checkpoint(trained, tmp_path, monkeypatch, capsys):
+    """From another folder, with no config: the checkpoint says its task, model and MLflow run.
+    A config that contradicts them is refused by name; how evaluation is done may change."""
+    run_dir, last = trained / "tiny", trained / "tiny/checkpoints/last.ckpt"
+    client = MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"(?s)contradicts the checkpoint's task, model or run:\n  env.task: "
+                                              r"'toy-catch' \(checkpoint\) -> 'toy-point_reach' \(now\)"):
+        main(["test", "--ckpt_path", str(last), "--env.task", "toy-point_reach"])
+    with pytest.raises(CheckpointError, match=r"model.size: 'size1M' \(checkpoint\) -> 'size12M' \(now\)"):
+        main(["test", "--config", str(REPO / "configs/dmc.yaml"), "--ckpt_path", str(last)])
+    assert client.get_run(run.info.run_id).data.metrics == run.data.metrics and not any(tmp_path.iterdir())
+
+    main(["predict", "--ckpt_path", str(last), "--env.eval_episodes", "3", "--env.eval_videos", "2"])
+    frames = torch.load(last, weights_only=True)["callbacks"]
+    frames = next(v for k, v in frames.items() if k.startswith("EnvLoop"))["env_steps"]
+    out = capsys.readouterr().out
+    assert f"3 greedy episodes of {last} (toy-catch, at {frames:,} env frames): return" in out
+    video = iio.imread(run_dir / "predictions" / f"last_{frames:09d}.mp4", plugin="pyav")
+    assert video.shape[1:] == (256, 512, 3) and len(video) >= 2
+    assert client.get_run(run.info.run_id).data.metrics == run.data.metrics, "predict logs nothing"
+    with pytest.raises(SystemExit) as refused:  # no validation data in RL: not offered
+        main(["validate", "--ckpt_path", str(last)])
+    assert refused.value.code == 2 and "invalid choice: 'validate'" in capsys.readouterr().err
 
 
 def test_an_agent_loads_from_a_checkpoint_ready_to_act(trained):

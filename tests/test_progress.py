@@ -14,7 +14,8 @@ from tests.test_crash_safety import start, wait, wait_for
 from tests.test_training import client_for
 from wm.durations import format_duration
 
-SHOWN = ("--trainer.enable_progress_bar", "true", "--env.prefill", "200", "--env.eval_every", "100")
+# Evaluations at 150 and 300 frames, then the final one when training ends, at 400 or a little more.
+SHOWN = ("--trainer.enable_progress_bar", "true", "--env.prefill", "200", "--env.eval_every", "150")
 
 
 def test_a_finished_fit_shows_frame_bars_and_ends_with_a_summary(tmp_path):
@@ -35,12 +36,14 @@ def test_a_finished_fit_shows_frame_bars_and_ends_with_a_summary(tmp_path):
     final = client.get_metric_history(run.info.run_id, "eval/return")[-1]
     std = client.get_metric_history(run.info.run_id, "eval/return_std")[-1].value
     summary = out[out.index("Run finished: tiny"):]
+    assert final.step >= 400, "the final evaluation, when training ended"
     assert f"final eval return: {final.value:.1f} ± {std:.1f} (std over 1 greedy episode, at {final.step:,} frames)" in summary
     assert re.search(r"env frames: 4\d\d of 400, updates: \d+", summary)
     assert f"run folder: {(tmp_path / 'tiny').resolve()}" in summary
-    assert f"mlflow ui --backend-store-uri sqlite:///{(tmp_path / 'tiny' / 'mlflow.db').resolve()}" in summary
+    assert f"mlflow ui --backend-store-uri sqlite:///{(tmp_path / 'mlflow.db').resolve()}" in summary
     experiment = client.get_experiment(run.info.experiment_id)
-    assert f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}" in summary
+    assert (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+            "/model-metrics?workflowType=machine_learning") in summary
     # the UI opens this experiment on its training runs, not on MLflow 3's GenAI overview
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 

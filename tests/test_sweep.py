@@ -10,6 +10,7 @@ import yaml
 from mlflow import MlflowClient
 
 from wm import report
+from wm.cli import main as wm_main
 from wm.envs import available_tasks
 from wm.objectives import objective_name
 from wm.reference import published_runs
@@ -33,6 +34,19 @@ def test_expands_tasks_objectives_seeds(tmp_path):
     assert str(REPO / "configs/objective/barlow.yaml") in first
     assert first[first.index("--run.tracking_uri") + 1] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert first[-2:] == ["--trainer.devices", "1"]
+    # the seed is the run's one seed (env and replay seeds derive from it); devices do not change what is trained
+    assert "--env.seed" not in first and "--data.seed" not in first and "--run.variant" not in first
+    assert first[first.index("--run.name") + 1] == "toy-catch-barlow-s0"
+    # Overrides that change training tag the runs' variant and names: stable for the same overrides,
+    # different for others; overrides that a resume may change (wm.runs.RESUMABLE) tag nothing.
+    def names(extra):
+        return [c[c.index("--run.name") + 1] for c in sweep_commands(QUICK, [], ["barlow"], [0, 1], tmp_path, "", extra)]
+    assert names(["--env.total_steps", "99", "--trainer.enable_progress_bar=false"]) == ["toy-catch-barlow-s0", "toy-catch-barlow-s1"]
+    tagged = names(["--model.optimizer.lr", "1e-4", "--env.eval_every", "5"])
+    assert tagged == names(["--model.optimizer.lr", "1e-4"]) and tagged != names(["--model.optimizer.lr=2e-4"])
+    assert [name[: -len("-s0")] for name in tagged] == [tagged[0][:-3]] * 2 and tagged[0].startswith("toy-catch-barlow-")
+    variant = sweep_commands(QUICK, [], ["barlow"], [0], tmp_path, "", ["--model.optimizer.lr", "1e-4"])[0]
+    assert variant[variant.index("--run.variant") + 1] == tagged[0].removeprefix("toy-catch-").removesuffix("-s0")
     with pytest.raises(ValueError, match="unknown objectives \\['dino'\\]"):
         sweep_commands(QUICK, [], ["dino"], [0], tmp_path, "", [])
     with pytest.raises(ValueError, match="unknown tasks \\['toy-cach'\\]; valid: toy-point_reach, toy-catch, "):
@@ -119,32 +133,58 @@ def test_slurm_script_runs_one_command_per_array_task(tmp_path):
     assert MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").search_experiments()
 
 
-def test_local_sweep_fills_one_experiment(tmp_path):
+def test_local_sweep_fills_one_experiment(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     code = main(["--config", str(QUICK), "--objectives", "barlow", "barlow_augment", "--seeds", "3", "--root", str(root), "--parallel", "2", "--", *TINY])
     assert code == 0
+    # The overrides after -- change what the runs train: their names carry a tag of them.
+    tag = next(root.glob("toy-catch-barlow-*-s3")).name.split("-")[-2]
+    assert len(tag) == 6 and sorted(p.name for p in root.glob("toy-catch-*")) == \
+        [f"toy-catch-barlow-{tag}-s3", f"toy-catch-barlow_augment-{tag}-s3"]
     # two at a time: each run's output is in its own log
     logs = sorted(p.name for p in (root / "logs").iterdir())
-    assert logs == ["toy-catch-barlow-s3.log", "toy-catch-barlow_augment-s3.log"]
+    assert logs == [f"toy-catch-barlow-{tag}-s3.log", f"toy-catch-barlow_augment-{tag}-s3.log"]
     assert all((root / "logs" / name).stat().st_size > 0 for name in logs)
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["toy-catch-barlow-s3", "toy-catch-barlow_augment-s3"]
+    assert sorted(r.info.run_name for r in runs) == [f"toy-catch-barlow-{tag}-s3", f"toy-catch-barlow_augment-{tag}-s3"]
     # the ablation is a Barlow run with augmentation, named and reported as its own cell
     params = {r.info.run_name: r.data.params for r in runs}
     assert {p["model.objective.class_path"] for p in params.values()} == {"wm.objectives.Barlow"}
-    assert params["toy-catch-barlow_augment-s3"]["model.objective.init_args.augment"] == "True"
-    assert params["toy-catch-barlow-s3"]["model.objective.init_args.augment"] == "False"
+    assert params[f"toy-catch-barlow_augment-{tag}-s3"]["model.objective.init_args.augment"] == "True"
+    assert params[f"toy-catch-barlow-{tag}-s3"]["model.objective.init_args.augment"] == "False"
     assert all(r.data.params["seed_everything"] == "3" for r in runs)
     assert all(client.list_artifacts(r.info.run_id) for r in runs)
     # Run again, the sweep resumes its runs: finished ones end at once, still one MLflow run each.
     assert main(["--config", str(QUICK), "--objectives", "barlow", "--seeds", "3", "--root", str(root), "--", *TINY]) == 0
     runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    # The report reads the sweep's runs: one row per objective, toy-catch normalised, a report run.
+    # Run again with another learning rate: a new run beside the first, which it leaves as it was.
+    assert main(["--config", str(QUICK), "--objectives", "barlow", "--seeds", "3", "--root", str(root), "--", *TINY,
+                 "--model.optimizer.lr", "1e-3"]) == 0
+    after = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])}
+    (new,) = set(after) - {r.info.run_name for r in runs}
+    assert new.startswith("toy-catch-barlow-") and new != f"toy-catch-barlow-{tag}-s3" and after[new].info.status == "FINISHED"
+    assert after[new].data.params["model.optimizer.lr"] == "0.001"
+    assert after[f"toy-catch-barlow-{tag}-s3"].data.params["model.optimizer.lr"] == "0.0003"
+    assert after[f"toy-catch-barlow-{tag}-s3"].data.metrics == {r.info.run_name: r for r in runs}[f"toy-catch-barlow-{tag}-s3"].data.metrics
+    # `test` from anywhere with only the checkpoint finds its run in the sweep's shared store.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    wm_main(["test", "--ckpt_path", str(root / f"toy-catch-barlow_augment-{tag}-s3/checkpoints/last.ckpt"),
+             "--env.eval_episodes", "2", "--env.eval_videos", "0"])
+    tested = client.get_run(after[f"toy-catch-barlow_augment-{tag}-s3"].info.run_id)
+    assert tested.data.metrics["test/episodes"] == 2 and tested.info.status == "FINISHED"
+    assert not any(elsewhere.iterdir()), "no store or run folder made where the command ran"
+    # The report reads the sweep's runs: one row per variant, toy-catch normalised, a report run.
     made = report.make_report(f"sqlite:///{root / 'mlflow.db'}", "quickstart", tmp_path / "report", reps=200)
-    assert [(row["task"], row["objective"], row["seeds"]) for row in made.rows] == [("toy-catch", "barlow", 1), ("toy-catch", "barlow_augment", 1)]
-    returns = {r.info.run_name: client.get_metric_history(r.info.run_id, "eval/return")[-1].value for r in runs}
-    assert [row["return_mean"] for row in made.rows] == [returns["toy-catch-barlow-s3"], returns["toy-catch-barlow_augment-s3"]]
+    other = new.split("-")[-2]
+    assert sorted((row["task"], row["objective"], row["seeds"]) for row in made.rows) == [
+        ("toy-catch", f"barlow-{other}", 1), ("toy-catch", f"barlow-{tag}", 1), ("toy-catch", f"barlow_augment-{tag}", 1)]
+    returns = {name: client.get_metric_history(r.info.run_id, "eval/return")[-1].value for name, r in after.items()}
+    by_cell = {row["objective"]: row["return_mean"] for row in made.rows}
+    assert by_cell[f"barlow-{tag}"] == returns[f"toy-catch-barlow-{tag}-s3"]
+    assert by_cell[f"barlow_augment-{tag}"] == returns[f"toy-catch-barlow_augment-{tag}-s3"]
     assert made.aggregates.tasks == ["toy-catch"] and (tmp_path / "report" / "curves.png").is_file()
     assert client.get_run(made.run_id).data.tags[report.REPORT_TAG] == "1"

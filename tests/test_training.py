@@ -14,10 +14,13 @@ import imageio.v3 as iio
 import lightning as L
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from datamodules import ReplayBuffer, ReplayStore
 from wm.cli import CheckpointError, main
+from wm.runs import RECORD_KEY
+from wm.validation import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -34,7 +37,7 @@ def fit(root: Path, *extra: str) -> None:
 
 
 def client_for(run_dir: Path) -> tuple[MlflowClient, object]:
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("quickstart")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1, f"expected one MLflow run, found {len(runs)}"
@@ -79,6 +82,9 @@ def test_fit_logs_a_run_that_mlflow_reads_back(tmp_path):
     assert params["env.task"] == "toy-catch" and params["model.size"] == "size1M"
     assert params["model.objective.class_path"] == "wm.objectives.Barlow"
     # Metrics are against environment frames: episode returns from prefill on, eval at the end.
+    for key in run.data.metrics:  # one point per step: nothing logged twice, not even when the fit stops
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} has two points at one step: {steps}"
     returns = client.get_metric_history(run.info.run_id, "episode/return")
     assert returns and all(-1.0 <= m.value <= 1.0 for m in returns)
     assert max(m.step for m in returns) <= 40
@@ -138,13 +144,19 @@ def test_refuses_to_overwrite_or_load_a_bad_checkpoint(tmp_path):
     before = last.read_bytes()
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         fit(tmp_path, "--env.total_steps", "24")
+    # A checkpoint that records no config (an older wm's) is still checked against the model built
+    # for the config: another objective, model size, or a task with another action space is refused.
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    del state[RECORD_KEY]
+    old = run_dir / "checkpoints/old.ckpt"
+    torch.save(state, old)
     with pytest.raises(ValueError, match="belongs to another model.*objective"):
-        fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", "last", "--model.objective", "wm.objectives.NoObjective")
-    # Another model size, or a task with another action space: refused, naming the difference.
+        fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", str(old), "--model.objective", "wm.objectives.NoObjective")
     with pytest.raises(CheckpointError, match=r"another model \(size: checkpoint 'size1M', config 'size12M'\)"):
-        fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", "last", "--model.size", "size12M")
+        fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", str(old), "--model.size", "size12M")
     with pytest.raises(CheckpointError, match=r"action_dim: checkpoint 3, config 2; discrete: checkpoint True, config False"):
-        fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", "last", "--env.task", "toy-point_reach")
+        fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", str(old), "--env.task", "toy-point_reach")
+    old.unlink()
     assert last.read_bytes() == before
     last.write_bytes(before[: len(before) // 2])
     with pytest.raises(ValueError, match="corrupted or unreadable"):
@@ -174,10 +186,23 @@ def test_cli_refuses_unknown_keys_and_tasks(tmp_path, capsys):
         fit(tmp_path, "--env.task", "toy-pong")
 
 
-def test_print_config_shows_no_shapes():
-    out = subprocess.run([sys.executable, "-m", "wm", "fit", "--config", "configs/quickstart.yaml", "--print_config"],
+def test_print_config_shows_every_setting_and_no_shapes():
+    out = subprocess.run([sys.executable, "-m", "wm", "fit", "--config", "configs/dmc.yaml", "--print_config"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert "task: toy-catch" in out and "observation_shapes" not in out
+    assert "task: dmc-walker_walk" in out and "observation_shapes" not in out
+    model = yaml.safe_load(out)["model"]
+    # the loss weights, free nats, learning rate and warm-up of a run can be read, none left null
+    assert model["world_model"]["kl_dyn"] == 1.0 and model["world_model"]["free_nats"] == 1.0
+    assert model["optimizer"] == {"lr": 4e-5, "beta1": 0.9, "beta2": 0.999, "eps": 1e-20, "agc": 0.3, "pmin": 1e-3,
+                                  "warmup": 1000}
+    assert model["actor_critic"]["horizon"] == 15 and model["objective"]["init_args"]["scale"] == 0.05
+    assert "lr_scheduler" not in yaml.safe_load(out) and "optimizer" not in yaml.safe_load(out)
+
+
+def test_another_logger_is_refused_before_anything_is_made(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.logger=.* is not supported: wm logs every run to MLflow.*--run.tracking_uri"):
+        fit(tmp_path, "--trainer.logger", "false")
+    assert not any(tmp_path.iterdir())
 
 
 def test_two_process_ddp_fit(tmp_path):

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 import callbacks.env_loop
 import wm.envs
 import wm.validation
-from wm.cli import main
+from wm.cli import CheckpointError, main
 from wm.validation import ConfigError, check_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,11 +82,16 @@ def test_unavailable_accelerator_is_refused(tmp_path, accelerator):
 
 
 def test_other_subcommands_get_the_trainer_checks_only(tmp_path):
-    with pytest.raises(ConfigError, match=r"trainer\.precision=16"):
-        run_cli(tmp_path, "--trainer.precision", "16", subcommand="validate")
-    with pytest.raises(ConfigError) as refused:
-        run_cli(tmp_path, "--trainer.precision", "16", "--env.prefill", "-1", subcommand="test")
-    assert "env.prefill" not in str(refused.value)
+    """test and predict play a trained agent: the trainer's settings are checked, not training's;
+    without a checkpoint they are refused before anything is made."""
+    config = Namespace(trainer=Namespace(accelerator="cpu", precision="16", devices=1, strategy="auto"),
+                       env=Namespace(prefill=-1, total_steps=10), model=Namespace(size="size1M"))
+    for subcommand in ("test", "predict"):
+        with pytest.raises(ConfigError, match=r"trainer\.precision=16") as refused:
+            check_config(config, subcommand)
+        assert "env.prefill" not in str(refused.value)
+        with pytest.raises(CheckpointError, match="ckpt_path is not set"):
+            run_cli(tmp_path, subcommand=subcommand)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -118,11 +123,11 @@ def file_hashes(folder: Path) -> dict[str, str]:
 def test_a_refused_command_leaves_an_existing_run_untouched(tmp_path):
     run_cli(tmp_path, *TINY)
     run_dir = tmp_path / "tiny"
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FINISHED"
     before = file_hashes(tmp_path)
-    assert "tiny/mlflow.db" in before and "tiny/checkpoints/last.ckpt" in before
+    assert "mlflow.db" in before and "tiny/checkpoints/last.ckpt" in before
     refused = (["--data.batch_size", "0"], ["--trainer.precision", "16-mixed"], ["--ckpt_path", "last", "--env.train_ratio", "0"])
     for bad in refused:
         with pytest.raises(ConfigError):
@@ -140,7 +145,7 @@ def test_cuda_precisions_and_devices(monkeypatch):
 
     def check(accelerator="auto", precision="32-true", devices=1):
         trainer = Namespace(accelerator=accelerator, precision=precision, devices=devices, strategy="auto")
-        check_config(Namespace(trainer=trainer), "validate")
+        check_config(Namespace(trainer=trainer), "test")
 
     for precision in ("32-true", 32, "16-mixed", 16):
         check(precision=precision)  # "auto" picks cuda, where fp16 mixed precision runs
@@ -158,6 +163,6 @@ def test_bf16_falls_back_to_float32_without_native_bfloat16(tmp_path, monkeypatc
     monkeypatch.setattr(wm.validation, "native_bf16", lambda device: False)  # a CPU without AVX512-BF16/AMX
     with pytest.warns(UserWarning, match=r"trainer\.precision=bf16-mixed: this device has no native bfloat16.*32-true"):
         run_cli(tmp_path, *TINY, "--trainer.precision", "bf16-mixed")
-    client = MlflowClient(f"sqlite:///{tmp_path / 'tiny' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])[0]
     assert run.data.params["trainer.precision"] == "32-true"

@@ -14,7 +14,7 @@ from wm.returns import ReturnNormalizer, ema_update_, frozen_copy, lambda_return
 from wm.sizes import ModelSize
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActorCriticConfig:
     """Behaviour-learning settings of docs/algorithm.md §1 (DreamerV3 2024 values)."""
 

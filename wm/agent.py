@@ -88,9 +88,9 @@ class Agent(L.LightningModule):
         discrete: bool = False,
         objective: Objective | None = None,
         size: str = "size12M",
-        world_model: WorldModelConfig | None = None,
-        actor_critic: ActorCriticConfig | None = None,
-        optimizer: OptimizerConfig | None = None,
+        world_model: WorldModelConfig = WorldModelConfig(),
+        actor_critic: ActorCriticConfig = ActorCriticConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
         repval_scale: float = 0.3,
         max_consecutive_skips: int = 10,
         compile: bool = False,
@@ -100,9 +100,7 @@ class Agent(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         objective = objective if objective is not None else make_objective(DEFAULT_OBJECTIVE)
-        world_model = world_model or WorldModelConfig()
-        actor_critic = actor_critic or ActorCriticConfig()
-        self.optimizer_config = optimizer or OptimizerConfig()
+        self.optimizer_config = optimizer
         self.save_hyperparameters(ignore=["objective", "world_model", "actor_critic", "optimizer"])
         self.hparams.update(
             observation_shapes={k: list(v) for k, v in observation_shapes.items()},
@@ -122,6 +120,7 @@ class Agent(L.LightningModule):
         self.skipped_updates = self.consecutive_skips = 0
         self.stats = UpdateStats()
         self.gradient_names: list[str] = []  # of the last update, for naming non-finite gradients
+        self.unlogged: dict[str, float] = {}  # the last log interval's means, for the loggers
         self._compiled_losses = None
         self._batchnorms: list[nn.Module] | None = None  # found on the first `act` of a fit
 
@@ -243,7 +242,10 @@ class Agent(L.LightningModule):
         self.skipped_updates, self.consecutive_skips = report.skipped_total, report.consecutive
         logged = {f"train/{k}": v for k, v in report.means.items()}
         logged["train/skipped_updates"] = float(report.skipped_total)
-        self.log_dict(logged)
+        # Lightning's loggers would log the last logged values once more when the fit stops, at
+        # whatever step the run is then: the loggers get them once, in on_train_batch_end.
+        self.log_dict(logged, logger=False)
+        self.unlogged = logged
         if not report.skipped:
             return
         modules = list(dict.fromkeys(module_of(self.gradient_names[i]) for i in report.bad_gradients))
@@ -263,6 +265,14 @@ class Agent(L.LightningModule):
                 "Try a lower learning rate (model.optimizer.lr), check the environment's rewards and observations for "
                 "NaN, inf or huge values, or train in full precision (trainer.precision: 32-true)."
             )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """The interval's means go to the loggers after the callbacks' hooks, so at the env frames
+        the env-interaction callback has reached with this update."""
+        if self.unlogged:
+            for logger in self.loggers:
+                logger.log_metrics(self.unlogged, step=self.global_step)
+            self.unlogged = {}
 
     def on_fit_start(self) -> None:
         self._batchnorms = None  # a strategy may have replaced them (SyncBatchNorm)
@@ -294,6 +304,10 @@ class Agent(L.LightningModule):
         the test loop averages its return, length and success over the episodes."""
         for name, value in (("return", episode.ret), ("length", episode.length), ("success", episode.success)):
             self.log(f"test/{name}", float(value), on_epoch=True, batch_size=1)
+
+    def predict_step(self, episode, batch_idx: int):
+        """One greedy episode of `python -m wm predict`, returned whole (return, frames, actions)."""
+        return episode
 
     # ------------------------------------------------------------------------------- acting
     def initial_state(self, batch: int) -> ActState:

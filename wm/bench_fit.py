@@ -27,6 +27,7 @@ import functools
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -34,6 +35,7 @@ import torch
 from callbacks.checkpoint import EnvStepCheckpoint
 from callbacks.env_loop import EnvLoop
 from wm.cli import WMCLI
+from wm.logger import sqlite_uri
 from wm.profiling import phase, start_recording, stop_recording
 
 # (recorded phase, printed name), in the order printed; "other" is the rest of the wall time.
@@ -205,7 +207,7 @@ def run(args: argparse.Namespace) -> None:
                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                     *getattr(args, "overrides", []),
                     # the run lives and is tracked in the temporary root, whatever the configs say
-                    "--run.root", root, "--run.name", "bench", "--run.tracking_uri", ""]
+                    "--run.root", root, "--run.name", "bench", "--run.tracking_uri", sqlite_uri(Path(root) / "mlflow.db")]
         argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads `cli_args` only (and says so when argv has more)
         try:
             BenchCLI(args=cli_args)

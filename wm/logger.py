@@ -1,9 +1,17 @@
-"""MLflow logging against environment frames, the x axis of every published learning curve."""
+"""MLflow logging against environment frames, the x axis of every published learning curve, and
+where a run is tracked.
+
+One tracking store per run root by default: `<run.root>/mlflow.db`, shared by single runs and
+sweeps, so that `wm.report` finds every run of an experiment in one place. `run.tracking_uri`, or
+else the `MLFLOW_TRACKING_URI` environment variable, names another store (a tracking server for a
+cluster). Runs made before the shared store keep their own `<run folder>/mlflow.db`.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
@@ -60,3 +68,36 @@ def create_store(db: Path) -> None:
         os.fsync(f.fileno())
     os.replace(temporary, db)
     fsync_dir(db.parent)
+
+
+def tracking_uri(configured: str, root: Path, run_dir: Path) -> str:
+    """The store a run logs to: `run.tracking_uri`, else $MLFLOW_TRACKING_URI, else the run
+    folder's own `mlflow.db` where an older run has one, else `<root>/mlflow.db`."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    own = run_dir / "mlflow.db"
+    return sqlite_uri(own if own.exists() else root / "mlflow.db")
+
+
+def sqlite_uri(db: Path) -> str:
+    return f"sqlite:///{Path(db).resolve()}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI; None for other stores."""
+    parsed = urlparse(uri)
+    return Path(unquote(parsed.path)) if parsed.scheme == "sqlite" else None
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside it, in `artifacts/`; a tracking server keeps its own."""
+    db = sqlite_file(uri)
+    return (db.parent / "artifacts").resolve().as_uri() if db is not None else None
+
+
+def ui_address(experiment_id: str, run_id: str, host: str = "http://127.0.0.1:5000") -> str:
+    """The run's metric charts in `mlflow ui`, on the model-training view: MLflow 3.17 opens a page
+    on its GenAI view unless the address asks for `workflowType=machine_learning` (docs/mlflow-run.png)."""
+    return f"{host}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?workflowType=machine_learning"

@@ -92,7 +92,7 @@ class LaProp(torch.optim.Optimizer):
         old.copy_(updates)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerConfig:
     """docs/algorithm.md §1 optimiser: LaProp, lr 4e-5, 1000 warm-up updates, AGC 0.3 with pmin 1e-3."""
 

@@ -40,6 +40,7 @@ from rliable import metrics, plot_utils  # noqa: E402
 
 from wm.envs import make_env  # noqa: E402
 from wm.files import atomic_write  # noqa: E402
+from wm.logger import sqlite_uri  # noqa: E402
 from wm.objectives import objective_name  # noqa: E402
 from wm.reference import REFERENCE_METHOD, Curve, normalized_score, reference_at, reference_curve, t_interval  # noqa: E402
 
@@ -396,8 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m wm.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", nargs="+", required=True,
                         help="MLflow experiment(s) of the sweep(s) (the config's run.experiment); several share one store")
-    parser.add_argument("--tracking-uri", default="", help="its store (default: sqlite:///runs/<experiment>/mlflow.db, "
-                                                             "where wm.sweep puts it)")
+    parser.add_argument("--tracking-uri", default="", help="its store (default: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///runs/<experiment>/mlflow.db, where `python -m wm fit` and wm.sweep put it)")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for the report files (<out>/<experiment> for each of several experiments)")
     parser.add_argument("--markdown", type=Path, default=None,
@@ -413,7 +414,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    uri = args.tracking_uri or f"sqlite:///{Path('runs', args.experiment[0], 'mlflow.db').resolve()}"
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(Path("runs", args.experiment[0], "mlflow.db"))
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         print(f"error: --tracking-uri {uri}: no such MLflow store; pass the sweep's --tracking-uri", file=sys.stderr)
         return 2

@@ -8,8 +8,11 @@
         --seeds 0 1 --slurm sweep.sbatch   # write a SLURM job-array script instead
 
 Every run is `python -m wm fit` with the benchmark config, an objective config, the task and the
-seed, in `<root>/<task>-<objective>-s<seed>`; all runs of a sweep share one tracking store (`<root>/mlflow.db` unless --tracking-uri) and
-the experiment named in the config, so their curves sit side by side in `mlflow ui`.
+seed, in `<root>/<task>-<objective>-s<seed>`; all runs of a sweep share one tracking store
+(`<root>/mlflow.db` unless --tracking-uri) and the experiment named in the config, so their curves
+sit side by side in `mlflow ui`. Arguments after `--` go to every run; those that change what a run
+trains add a short stable tag of them to its objective's name (`barlow-1a2b3c`, in the run name
+and the report), so a sweep re-run with other overrides never resumes the runs of the first.
 
 A preset (configs/paper/) names the benchmark config, tasks, objectives and seeds of a published
 experiment, so that it is one command; options given on the command line replace the preset's:
@@ -34,8 +37,9 @@ from pathlib import Path
 import yaml
 
 from wm.durations import update_count
-from wm.logger import create_store
+from wm.logger import create_store, sqlite_uri
 from wm.objectives import objective_name
+from wm.runs import overrides_tag, run_name
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVE_CONFIGS = REPO / "configs" / "objective"
@@ -121,13 +125,18 @@ def sweep_commands(
     if unknown:
         suites = sorted({t.partition("-")[0] for t in unknown} & set(SUITES))
         raise ValueError(f"unknown tasks {unknown}; valid: {', '.join(available_tasks(suites or None))}")
-    tracking_uri = tracking_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(root / "mlflow.db")
+    tag = overrides_tag(extra)
     commands = []
     for task, objective, seed in itertools.product(tasks, objectives, seeds):
+        # Overrides that change training give the runs their own variant (name and report cell), so
+        # a re-run with other overrides makes new runs instead of "resuming" finished ones.
+        variant = ["--run.variant", f"{objective}-{tag}"] if tag else []
         commands.append([
             sys.executable, "-m", "wm", "fit",
             "--config", str(config), "--config", str(OBJECTIVE_CONFIGS / f"{objective}.yaml"),
-            "--env.task", task, "--seed_everything", str(seed), "--env.seed", str(seed),
+            "--env.task", task, "--seed_everything", str(seed),  # the run's one seed: every other derives from it
+            *variant, "--run.name", run_name(task, f"{objective}-{tag}" if tag else objective, seed),
             "--run.root", str(root), "--run.experiment", experiment, "--run.tracking_uri", tracking_uri,
             "--ckpt_path", "last",  # a rerun (or a requeued job) resumes; a finished run ends at once
             *extra,
@@ -152,11 +161,9 @@ def slurm_script(commands: list[list[str]], job_name: str, slurm_options: list[s
     return "\n".join(lines)
 
 
-def run_name(command: list[str]) -> str:
-    """`<task>-<objective>-s<seed>`, the run folder's name, read back from a sweep command."""
-    task = command[command.index("--env.task") + 1]
-    objective = Path(command[command.index("--config", command.index("--config") + 1) + 1]).stem
-    return f"{task}-{objective}-s{command[command.index('--seed_everything') + 1]}"
+def command_run_name(command: list[str]) -> str:
+    """The run folder's name that a sweep command gives."""
+    return command[command.index("--run.name") + 1]
 
 
 def run_locally(commands: list[list[str]], parallel: int = 1, log_dir: Path | None = None) -> int:
@@ -176,7 +183,7 @@ def run_locally(commands: list[list[str]], parallel: int = 1, log_dir: Path | No
             print(f"[{i}/{len(commands)}] {shlex.join(command[1:])}", flush=True)
             log = None
             if log_dir is not None:
-                log = (log_dir / f"{run_name(command)}.log").open("a")
+                log = (log_dir / f"{command_run_name(command)}.log").open("a")
                 print(f"    output: {log.name}", flush=True)
             running.append((command, log, subprocess.Popen(command, env=env, stdout=log, stderr=log)))
         time.sleep(0.5)
@@ -187,7 +194,7 @@ def run_locally(commands: list[list[str]], parallel: int = 1, log_dir: Path | No
                 log.close()
             if process.returncode:
                 failed.append(command)
-            print(f"{'FAILED' if process.returncode else 'finished'}: {run_name(command)}", flush=True)
+            print(f"{'FAILED' if process.returncode else 'finished'}: {command_run_name(command)}", flush=True)
     for command in failed:
         print(f"FAILED: {shlex.join(command[1:])}", file=sys.stderr)
     print(f"{len(commands) - len(failed)} of {len(commands)} runs finished")
@@ -215,7 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="objectives or ablations (default: barlow)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="(default: 0)")
     parser.add_argument("--root", type=Path, default=None, help="run folder root (default: runs/<experiment>)")
-    parser.add_argument("--tracking-uri", default="", help="MLflow store shared by the runs (default: <root>/mlflow.db)")
+    parser.add_argument("--tracking-uri", default="",
+                        help="MLflow store shared by the runs (default: $MLFLOW_TRACKING_URI, else <root>/mlflow.db)")
     parser.add_argument("--slurm", type=Path, default=None, help="write a SLURM job-array script here instead of running")
     parser.add_argument("--slurm-option", action="append", default=[], help='e.g. --slurm-option="--gres=gpu:1"')
     parser.add_argument("--parallel", type=int, default=1, help="local runs at once, each on cores / N threads (logs in <root>/logs)")
@@ -250,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(shlex.join(c) for c in commands))
         return 0
     root.mkdir(parents=True, exist_ok=True)
-    if not args.tracking_uri:  # the runs' shared store, made before they start together
+    if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):  # the runs' shared store, made before they start together
         create_store(root / "mlflow.db")
     if args.slurm:
         args.slurm.write_text(slurm_script(commands, f"wm-{benchmark_of(args.config)[0]}", args.slurm_option))

@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 
 def check_config(config, subcommand: str | None) -> None:
     """Raise a ConfigError listing every problem of `config` (the subcommand's namespace)."""
-    problems = trainer_problems(config) + model_problems(config)
+    problems = trainer_problems(config) + logger_problems(config) + model_problems(config)
     if subcommand == "fit":
         problems += env_and_data_problems(config)
     if not problems:
@@ -98,6 +98,15 @@ def storage_problems(config) -> list[str]:
         problems.append(f"data.memmap_dir={config.get('data.memmap_dir')} keeps the buffer in files on the CPU, "
                         "but data.storage=cuda. Use --data.storage cpu or leave --data.memmap_dir out.")
     return problems
+
+
+def logger_problems(config) -> list[str]:
+    logger = config.get("trainer.logger")
+    if logger is None:
+        return []
+    return [f"trainer.logger={logger!r} is not supported: wm logs every run to MLflow, against env frames, and "
+            "reads it back there (resume, test, wm.report). Choose the MLflow store with --run.tracking_uri (or "
+            "MLFLOW_TRACKING_URI), e.g. a tracking server, and remove --trainer.logger."]
 
 
 # ------------------------------------------------------------------------------------------ model

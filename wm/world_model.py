@@ -17,7 +17,7 @@ from wm.rssm import RSSM, State
 from wm.sizes import ModelSize
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorldModelConfig:
     """Loss weights of docs/algorithm.md §1 (DreamerV3 2024 values). An objective may replace the KL weights."""
 
