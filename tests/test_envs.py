@@ -239,7 +239,7 @@ def test_gymnasium_make():
 
 
 @pytest.mark.parametrize("task, module, extra", [("crafter-reward", "crafter", "crafter"),
-                                                 ("memory_maze-9x9", "gym", "memory_maze")])
+                                                 ("memory_maze-9x9", "gym", "memory-maze")])
 def test_a_missing_optional_simulator_is_one_line_naming_its_extra(task, module, extra, tmp_path, monkeypatch, capsys):
     """The Crafter and Memory Maze simulators are extras; without one, building its task says which
     extra to install, and `python -m wm fit` refuses in one line before anything is made."""

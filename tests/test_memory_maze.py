@@ -8,7 +8,7 @@ import pytest
 from gymnasium.wrappers import TimeLimit
 from mlflow import MlflowClient
 
-pytest.importorskip("memory_maze", reason="the memory_maze extra is not installed (pip install -e '.[memory_maze]')")
+pytest.importorskip("memory_maze", reason="the memory-maze extra is not installed (pip install -e '.[memory-maze]')")
 
 from tests.test_training import TINY  # noqa: E402
 from wm.cli import main  # noqa: E402

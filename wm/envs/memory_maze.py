@@ -2,7 +2,7 @@
 from first-person 64x64 pixels; rewards +1 per target reached, and the maze must be remembered to
 find the next one fast. Episodes end by truncation: 1000 steps for 9x9 (4 actions per second).
 
-`memory_maze` is an optional extra (`pip install -e '.[memory_maze]'`, with the retired `gym`
+`memory_maze` is an optional extra (`pip install -e '.[memory-maze]'`, with the retired `gym`
 package that it imports to register its own gym envs), imported only when a maze is built; it
 renders with MuJoCo like dm_control.
 """
@@ -33,7 +33,7 @@ class MemoryMazeEnv(PixelEnv):
         self.action_space = spaces.Discrete(int(self._env.action_spec().num_values))
 
     def _build(self, seed: int | None):
-        import_simulator("memory_maze", "memory_maze", "memory_maze")
+        import_simulator("memory_maze", "memory-maze", "memory_maze")
         try:
             from memory_maze import tasks
         except Exception as e:  # a missing GL library surfaces as ImportError, AttributeError or OSError
