@@ -35,7 +35,8 @@ from datamodules.replay_store import new_save_id
 from wm.durations import format_duration, update_count
 from wm.envs import make_env, make_vector_env
 from wm.envs.crafter import CRAFTER_ACHIEVEMENTS, crafter_score
-from wm.inspection import open_loop_video, saliency_video
+from wm.inspection import (OPEN_LOOP_CONTEXT, OPEN_LOOP_FRAMES, open_loop, open_loop_grid, open_loop_video,
+                           saliency_video)
 from wm.logger import EnvStepMLFlowLogger
 from wm.profiling import phase
 from wm.video import side_by_side, write_mp4
@@ -423,17 +424,23 @@ class EnvLoop(L.Callback):
 
     def _log_inspection(self, trainer: L.Trainer, pl_module: L.LightningModule, recorded: list[Episode]) -> None:
         """Open-loop predictions of the recorded episodes (with an image decoder) and the occlusion
-        saliency of the first one: mp4s in videos/, and the saliency of its middle frame as a PNG."""
+        saliency of the first one: mp4s in videos/, and as PNGs in images/ the saliency of its
+        middle frame and the open-loop grid of the first episode."""
         loggers = self._mlflow_loggers(trainer)
         if not recorded or not loggers:
             return
         videos = {"saliency": saliency_video(pl_module, recorded[0].frames, recorded[0].actions)}
+        images = {"saliency": videos["saliency"][len(videos["saliency"]) // 2]}
         if pl_module.world_model.objective.image_decoder() is not None:
             videos["openloop"] = open_loop_video(pl_module, [(e.frames, e.actions) for e in recorded])
+            first = recorded[0]
+            rows = open_loop(pl_module, np.stack(first.frames[:OPEN_LOOP_FRAMES]), np.stack(first.actions[:OPEN_LOOP_FRAMES]),
+                             OPEN_LOOP_CONTEXT)
+            images["openloop"] = open_loop_grid(rows, OPEN_LOOP_CONTEXT)
         self._log_videos(trainer, videos)
         for logger in loggers:
-            logger.experiment.log_image(logger.run_id, videos["saliency"][len(videos["saliency"]) // 2],
-                                        f"images/saliency_{self.env_steps:09d}.png")
+            for name, image in images.items():
+                logger.experiment.log_image(logger.run_id, image, f"images/{name}_{self.env_steps:09d}.png")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.close()

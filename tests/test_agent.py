@@ -133,6 +133,81 @@ def test_mudreamer_heads_shape_the_representation_and_batchnorm_switch():
     assert not list(plain.world_model.objective.parameters())
 
 
+@pytest.mark.parametrize("place, encoder, posterior", [("encoder", True, False), ("posterior", False, True),
+                                                       ("both", True, True), ("none", False, False),
+                                                       (True, True, False), (False, False, False)])
+def test_mudreamer_batchnorm_goes_where_the_switch_says(place, encoder, posterior):
+    """The paper's "representation network" is the encoder or the posterior: either, both or neither
+    gets BatchNorm, and only there; the posterior's normalises over the batch at every step."""
+    wm = make_agent(MuDreamer(batchnorm=place)).world_model
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in wm.encoder.modules()) == encoder
+    norm = wm.rssm.post_out[0][0]
+    assert isinstance(norm, torch.nn.BatchNorm1d) == posterior
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in
+                   [*wm.rssm.core.modules(), *wm.rssm.prior.modules(), *wm.reward.modules(), *wm.cont.modules()])
+    if posterior:  # in training, each step's posterior inputs are standardised over the batch
+        captured = []
+        norm.register_forward_hook(lambda module, inputs, output: captured.append((inputs[0], output)))
+        batch = batch_for(make_agent(MuDreamer(batchnorm=place)))
+        wm.loss(batch)
+        assert len(captured) == batch["reward"].shape[1], "one normalisation per step"
+        for x, out in captured:
+            assert x.shape == (batch["reward"].shape[0], wm.rssm.size.hidden)
+            torch.testing.assert_close(out, (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5))
+    with pytest.raises(ValueError, match="batchnorm='decoder'"):
+        MuDreamer(batchnorm="decoder")
+
+
+def inputs_of(module: torch.nn.Module, calls: list) -> torch.utils.hooks.RemovableHandle:
+    """Record the positional inputs of every call of `module`."""
+    return module.register_forward_pre_hook(lambda m, args: calls.append(args))
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_each_head_reads_the_tensor_the_method_says(discrete):
+    """What goes into each head, not only what comes out: MuDreamer's inverse-dynamics head reads
+    (e_t, s_{t-1}) with gradients into both, its value head s_t (all but the last step, whose
+    return is not known) and its teacher s_t without gradients; the Barlow projector reads s_t of
+    every step, the reward and continue heads s_t, the decoder (h_t, z_t)."""
+    agent = make_agent(MuDreamer(), discrete)
+    wm = agent.world_model
+    embeds, inverse, value, teacher, reward, cont = [], [], [], [], [], []
+    wm.encoder.register_forward_hook(lambda m, args, out: embeds.append(out))
+    for module, calls in ((wm.objective.inverse, inverse), (wm.objective.value, value), (wm.objective.teacher, teacher),
+                          (wm.reward, reward), (wm.cont, cont)):
+        inputs_of(module, calls)
+    out = wm.loss(batch_for(agent))
+    feat, (embed,) = out.posterior.feat, embeds
+    previous = torch.cat([torch.zeros_like(feat[:, :1]), feat[:, :-1]], 1)  # s_{t-1}: the zero state at t = 0
+    (x,), = inverse
+    torch.testing.assert_close(x, torch.cat([embed, previous], -1), rtol=0, atol=0)
+    assert x.requires_grad and embed.requires_grad, "the action loss trains the encoder and the RSSM"
+    (x,), = value
+    torch.testing.assert_close(x, feat[:, :-1], rtol=0, atol=0)
+    (x,), = teacher
+    torch.testing.assert_close(x, feat, rtol=0, atol=0)
+    for calls in (reward, cont):
+        (x,), = calls
+        torch.testing.assert_close(x, feat, rtol=0, atol=0)
+
+    agent = make_agent(Barlow(), discrete)
+    projected, embeds = [], []
+    agent.world_model.encoder.register_forward_hook(lambda m, args, out: embeds.append(out))
+    inputs_of(agent.world_model.objective.projector, projected)
+    out = agent.world_model.loss(batch_for(agent))
+    (x,), = projected
+    torch.testing.assert_close(x, out.posterior.feat.reshape(-1, out.posterior.feat.shape[-1]), rtol=0, atol=0)
+    assert x.requires_grad, "the Barlow loss trains the RSSM through the projector"
+
+    agent = make_agent(Reconstruction(), discrete)
+    decoded = []
+    inputs_of(agent.world_model.objective.decoder, decoded)
+    out = agent.world_model.loss(batch_for(agent))
+    (deter, stoch), = decoded
+    torch.testing.assert_close(deter, out.posterior.deter, rtol=0, atol=0)
+    torch.testing.assert_close(stoch, out.posterior.stoch.flatten(-2), rtol=0, atol=0)
+
+
 def test_none_has_no_projector_and_reconstruction_has_decoder():
     none = make_agent(NoObjective())
     assert not list(none.world_model.objective.parameters())
@@ -280,7 +355,7 @@ def test_hparams_are_plain_data():
     assert hp["objective"] == {
         "class_path": "wm.objectives.mudreamer.MuDreamer",
         "init_args": dict(
-            value_head=False, action_head=True, batchnorm=True, value_scale=1.0, action_scale=1.0,
+            value_head=False, action_head=True, batchnorm="encoder", value_scale=1.0, action_scale=1.0,
             head_layers=3, teacher_rate=0.02, lam=0.95, kl_dyn=0.95, kl_rep=0.05, augment=False, probe_decoder=False,
         ),
     }

@@ -11,7 +11,7 @@ from torch import nn
 from callbacks.evaluation import play_episodes
 from wm.agent import Agent
 from wm.envs import make_vector_env
-from wm.inspection import occlusion_maps, open_loop, overlay, saliency
+from wm.inspection import occlusion_maps, open_loop, open_loop_grid, saliency, saliency_figure
 from wm.objectives import Barlow, Reconstruction
 
 REGION = (slice(16, 32), slice(40, 56))  # rows, columns: 2 x 2 patches of 8 pixels
@@ -77,8 +77,27 @@ def test_occlusion_maps_measure_the_change_of_each_output():
     maps = occlusion_maps(score, image, patch=8, fill=100)
     np.testing.assert_allclose(maps["corner"], [[100.0, 0.0], [0.0, 0.0]])
     np.testing.assert_allclose(maps["all"], np.full((2, 2), 100.0 * 8 * 8 * 3))
-    shown = overlay(np.zeros((16, 16, 3), np.uint8), maps["corner"], size=64)
-    assert shown.shape == (64, 64, 3) and shown[:32, :32, 0].min() > 100 and shown[32:, :, 0].max() == 0
+
+
+
+def test_saliency_and_open_loop_figures_show_the_frame_under_their_maps():
+    """The saliency figure keeps the frame visible under a translucent map with colour bars; the
+    open-loop grid puts time across and truth / prediction / error down."""
+    frame = np.zeros((64, 64, 3), np.uint8)
+    frame[20:40, 20:40] = (0, 200, 0)  # a green square: it must show through the map
+    heat = np.zeros((8, 8))
+    heat[0, 0] = 1.0
+    image = saliency_figure(frame, {"value": heat, "policy": heat})
+    assert image.ndim == 3 and image.shape[1] > 2 * image.shape[0] and image.dtype == np.uint8
+    green = (image[..., 1] > 120) & (image[..., 0] < 100) & (image[..., 2] < 100)
+    assert green.sum() > 2 * 100, "the frame is seen through the map, in both panels"
+    hot = (image[..., 0] > 200) & (image[..., 1] > 150)  # inferno's yellow: the hot patch and the colour bars' tops
+    assert hot.any()
+    rows = np.zeros((12, 3 * 64, 64, 3), np.uint8)
+    for t in range(12):
+        rows[t, :64] = 20 * t  # the truth row brightens with time
+    grid = open_loop_grid(rows, context=5, columns=6)
+    assert grid.shape[1] > grid.shape[0] and grid.dtype == np.uint8  # wider than tall: time across
 
 
 def test_open_loop_predicts_from_the_actions_without_seeing_later_frames(episode):

@@ -13,6 +13,7 @@ from mlflow.entities import Metric, Param
 
 from wm.envs import make_env
 from wm.reference import FOLDER, REFERENCE_METHOD
+from wm import report
 from wm.report import REPORT_TAG, main, make_report
 
 TASKS = ("dmc-walker_walk", "dmc-cheetah_run", "dmc-reacher_easy")
@@ -168,3 +169,17 @@ def test_random_baselines_and_a_results_page_kept_around_its_prose(tmp_path, cap
     assert main([*args[:5], "--out", str(tmp_path / "none"), "--markdown", str(other)]) == 2
     assert "without the generated-section markers" in capsys.readouterr().err
     assert other.read_text() == "my notes\n" and not (tmp_path / "none").exists()
+
+
+def test_named_generated_sections_are_written_independently(tmp_path):
+    """One page, two reports: each --section replaces only the text between its own markers."""
+    page = tmp_path / "results.md"
+    default, probes = report.markers(), report.markers("probes")
+    page.write_text(f"# Results\n{default[0]}\nold RL\n{default[1]}\nprose between\n{probes[0]}\nold probes\n{probes[1]}\nthe last line\n")
+    report.write_generated_section(page, "new probes", "probes")
+    report.write_generated_section(page, "new RL")
+    text = page.read_text()
+    assert "new RL" in text and "new probes" in text and "old" not in text
+    assert text.index("new RL") < text.index("prose between") < text.index("new probes") < text.index("the last line")
+    with pytest.raises(ValueError, match=r"(?s)without the generated-section markers.*\[other\]"):
+        report.markdown_template(page, "other")

@@ -54,7 +54,17 @@ def recorded(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)[RECORD_KEY]
 
 
-def test_one_seed_repeats_a_fit_exactly_and_another_differs_in_every_stream(tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Bitwise repeatable CPU kernels: with two threads, a loaded machine made two fits of one seed
+    part at the fourth update about one time in six (a float rounding that flipped a sampled latent)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_one_seed_repeats_a_fit_exactly_and_another_differs_in_every_stream(tmp_path, monkeypatch, one_thread):
     """--seed_everything is the run's one seed: env resets, random prefill and replay sampling
     follow it. A second fit with seed 0 (tracked where MLFLOW_TRACKING_URI says) repeats the first
     update for update; seed 1 differs in prefill actions, initial states and replay indices."""

@@ -16,6 +16,7 @@ never waits and the update can be compiled whole (`compile`, `loss_function`).
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import nn
 from wm.actor_critic import ActorCritic, ActorCriticConfig
 from wm.distributions import policy_mode, sample_policy
 from wm.objectives import DEFAULT_OBJECTIVE, Objective, make_objective
-from wm.optim import OptimizerConfig
+from wm.optim import OptimizerConfig, guarded_step
 from wm.profiling import phase, set_compile_cache
 from wm.rssm import State
 from wm.sizes import model_size
@@ -41,21 +42,38 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive updates had a loss or gradients that were not finite."""
 
 
-def finite_flags(total: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
-    """Whether each gradient tensor, then (last) the loss, is entirely finite: one fused check.
-
-    The max-abs norm is inf or NaN exactly when a value is (an L2 norm would overflow to inf on
-    large finite gradients).
-    """
-    norms = torch._foreach_norm(grads, float("inf")) if grads else []
-    return torch.stack([n.float() for n in norms] + [total.detach().float()]).isfinite()
-
-
 def module_of(parameter: str) -> str:
     """The module a parameter belongs to, as `parameter_counts` splits the agent:
     world_model.rssm, world_model.objective.projector, actor_critic.critic."""
     parts = parameter.split(".")[:-1]
     return ".".join(parts[: 3 if parts[:2] == ["world_model", "objective"] else 2])
+
+
+CONFIGS = {"world_model": WorldModelConfig, "actor_critic": ActorCriticConfig, "optimizer": OptimizerConfig}
+
+
+def save_plain_hyperparameters(module: L.LightningModule, observation_shapes: Mapping[str, tuple[int, ...]],
+                               objective: Objective, **configs) -> None:
+    """The caller's (`module.__init__`'s) arguments as plain data in `module.hparams`: the
+    objective by its class path, each config dataclass as a dict. What `rebuild` reads back."""
+    module.save_hyperparameters(ignore=["objective", *configs], frame=inspect.currentframe().f_back)
+    module.hparams.update(observation_shapes={k: list(v) for k, v in observation_shapes.items()},
+                          objective=objective.describe(), **{name: asdict(config) for name, config in configs.items()})
+
+
+def rebuild(cls: type[L.LightningModule], checkpoint: dict) -> L.LightningModule:
+    """The module a checkpoint holds, built from its saved hyperparameters (the objective by its
+    class path, the settings as their dataclasses), with its weights and state restored."""
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # not LightningCLI's
+    saved = hparams.pop("objective")
+    module, name = saved["class_path"].rsplit(".", 1)
+    hparams["objective"] = getattr(importlib.import_module(module), name)(**saved["init_args"])
+    hparams["observation_shapes"] = {key: tuple(shape) for key, shape in hparams["observation_shapes"].items()}
+    hparams.update({key: config(**hparams[key]) for key, config in CONFIGS.items() if key in hparams})
+    built = cls(**hparams)
+    built.load_state_dict(checkpoint["state_dict"])
+    built.on_load_checkpoint(checkpoint)
+    return built
 
 
 class ActState(NamedTuple):
@@ -101,14 +119,8 @@ class Agent(L.LightningModule):
         self.automatic_optimization = False
         objective = objective if objective is not None else make_objective(DEFAULT_OBJECTIVE)
         self.optimizer_config = optimizer
-        self.save_hyperparameters(ignore=["objective", "world_model", "actor_critic", "optimizer"])
-        self.hparams.update(
-            observation_shapes={k: list(v) for k, v in observation_shapes.items()},
-            objective=objective.describe(),
-            world_model=asdict(world_model),
-            actor_critic=asdict(actor_critic),
-            optimizer=asdict(self.optimizer_config),
-        )
+        save_plain_hyperparameters(self, observation_shapes, objective, world_model=world_model,
+                                   actor_critic=actor_critic, optimizer=optimizer)
         sizes = model_size(size)
         self.action_dim, self.discrete = action_dim, discrete
         self.world_model = WorldModel(
@@ -128,21 +140,7 @@ class Agent(L.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Agent:
         """The agent a `wm` checkpoint holds, rebuilt from its saved hyperparameters (no config
         needed) with its weights, ready for `act()`."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # not LightningCLI's
-        saved = hparams.pop("objective")
-        module, name = saved["class_path"].rsplit(".", 1)
-        agent = cls(
-            {key: tuple(shape) for key, shape in hparams.pop("observation_shapes").items()},
-            objective=getattr(importlib.import_module(module), name)(**saved["init_args"]),
-            world_model=WorldModelConfig(**hparams.pop("world_model")),
-            actor_critic=ActorCriticConfig(**hparams.pop("actor_critic")),
-            optimizer=OptimizerConfig(**hparams.pop("optimizer")),
-            **hparams,
-        )
-        agent.load_state_dict(checkpoint["state_dict"])
-        agent.on_load_checkpoint(checkpoint)
-        return agent.to(map_location)
+        return rebuild(cls, torch.load(path, map_location=map_location, weights_only=True)).to(map_location)
 
     # ----------------------------------------------------------------------------- training
     def configure_optimizers(self):
@@ -205,27 +203,14 @@ class Agent(L.LightningModule):
         buffers = [b.clone() for b in self.buffers()]  # kept if the update is skipped
         torch.compiler.cudagraph_mark_step_begin()  # the last update's graph outputs are consumed
         total, metrics, posterior = self.loss_function()(batch)
-        optimizer.zero_grad(set_to_none=True)
-        with phase("backward"):
-            self.manual_backward(total)
-        named_grads = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
-        # Under a GradScaler (16-mixed) the scaled gradients overflow by design; the scaler skips
-        # those steps and lowers its scale, so only the loss is checked here.
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        finite = finite_flags(total, [] if scaled else [g for _, g in named_grads])
-        taken = finite.all()
         metrics["optimizer/lr"] = optimizer.optimizer.current_lr(optimizer.param_groups[0])
+        taken, finite, self.gradient_names = guarded_step(self, total, buffers)
         with phase("optimizer"):
-            optimizer.step(finite=taken)
-            optimizer.zero_grad(set_to_none=True)
-            for buffer, saved in zip(self.buffers(), buffers):
-                buffer.copy_(torch.where(taken, buffer, saved))
             # The return normaliser keeps the EMAs this update's advantages were scaled with.
             low_high = torch.stack([metrics["actor_critic/return_low"], metrics["actor_critic/return_high"]])
             self.actor_critic.retnorm.store_(low_high, taken)
             self.actor_critic.update_slow_critic(taken)
             self.world_model.objective.after_update(taken)
-        self.gradient_names = [] if scaled else [name for name, _ in named_grads]
         self.stats.add(metrics, taken, finite[:-1])
         if log_now:
             self.log_stats()

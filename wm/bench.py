@@ -35,6 +35,7 @@ from wm.objectives import OBJECTIVES, make_objective
 from wm.profiling import ProfileBatch, set_compile_cache, start_recording, stop_recording
 from wm.sizes import SIZES
 from wm.synthetic import random_batch
+from wm.validation import effective_precision, fallback_message
 
 PHASES = ("encode", "observe", "objective", "imagine", "backward", "optimizer")
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
@@ -106,6 +107,9 @@ def peak_matmul_gflops(dtype: torch.dtype, device: str, size: int = 4096, repeat
 
 def bench_update(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
+    precision = effective_precision(PRECISIONS[args.precision], args.device)
+    if precision != PRECISIONS[args.precision]:  # the fit's rule: a benchmark measures what a fit would run
+        print(fallback_message(PRECISIONS[args.precision], precision))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile:
@@ -122,7 +126,7 @@ def bench_update(args: argparse.Namespace) -> None:
     trainer = L.Trainer(
         accelerator=args.device,
         devices=1,
-        precision=PRECISIONS[args.precision],
+        precision=precision,
         max_steps=profiled + 1,
         logger=False,
         enable_checkpointing=False,
@@ -137,7 +141,7 @@ def bench_update(args: argparse.Namespace) -> None:
     phases = timer.phases[args.warmup : profiled]
     median = statistics.median(measured)
     print(f"objective {args.objective}  size {args.size}  B={args.batch} T={args.length}  "
-          f"precision {PRECISIONS[args.precision]}  device {args.device}  threads {torch.get_num_threads()}  "
+          f"precision {precision}  device {args.device}  threads {torch.get_num_threads()}  "
           f"{'compiled' if args.compile else 'eager'}")
     print(agent.parameter_table())
     print(f"median seconds per update: {median:.3f}  (min {min(measured):.3f}, max {max(measured):.3f}, "
@@ -157,7 +161,7 @@ def bench_update(args: argparse.Namespace) -> None:
     syncs = sum(counts.syncs.values())
     print(f"one update: {syncs} host syncs {counts.syncs or ''}, {counts.aten_ops} aten ops dispatched, "
           f"{counts.leaf_ops} leaf aten ops")
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16 if args.precision == "16" else torch.float32
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision, torch.float32)
     peak = peak_matmul_gflops(dtype, args.device)
     achieved = gflop / median
     print(f"GFLOP per update: {gflop:.0f}  achieved {achieved:.0f} GFLOP/s = {100 * achieved / peak:.0f}% of this "

@@ -15,6 +15,12 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from PIL import Image
 
 from wm.distributions import mode_onehot, policy_mode
 from wm.rssm import State
@@ -133,31 +139,89 @@ def _saliency(agent, images, actions, patch, key) -> dict[str, np.ndarray]:
     return {name: np.stack(frames) for name, frames in maps.items()}
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, size: int = VIDEO_SIZE) -> np.ndarray:
-    """(size, size * W / H, 3) uint8: the frame enlarged, with `heat` (a coarse map) over it in red,
-    normalised to its own maximum."""
-    scale = max(1, size // image.shape[0])
-    frame = image.repeat(scale, 0).repeat(scale, 1).astype(np.float32)
-    cell = frame.shape[0] // heat.shape[0]
-    weight = (heat / heat.max() if heat.max() > 0 else heat).repeat(cell, 0).repeat(cell, 1)[..., None]
-    red = np.array([255.0, 0.0, 0.0], np.float32)
-    return (frame * (1 - 0.6 * weight) + red * 0.6 * weight).round().astype(np.uint8)
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib figure drawn off screen (not pyplot's: a notebook's display is left alone)."""
+    figure = Figure(figsize=(width, height), dpi=80)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def figure_image(figure: Figure) -> np.ndarray:
+    """A figure as an (H, W, 3) uint8 image, its height and width even (for mp4s)."""
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3]
+    return image[: image.shape[0] // 2 * 2, : image.shape[1] // 2 * 2].copy()
+
+
+SALIENCY_LABELS = {"value": "change of the critic's value", "policy": "change of the greedy action"}
+
+
+def saliency_figure(image: np.ndarray, maps: dict[str, np.ndarray], scales: dict[str, float] | None = None,
+                    title: str = "") -> np.ndarray:
+    """The frame, twice, with the value's and the policy's occlusion saliency over it as a
+    translucent heat map (bilinear between the patches), each with its colour bar: (H, W, 3) uint8.
+    `scales` fixes each map's top colour (a video's maximum), else each map's own maximum."""
+    figure = new_figure(4.4 * len(maps), 3.6)
+    axes = figure.subplots(1, len(maps))
+    height, width = image.shape[:2]
+    colours = colormaps["inferno"]
+    for ax, (name, heat) in zip(np.atleast_1d(axes), maps.items()):
+        top = (scales or {}).get(name) or float(heat.max()) or 1.0
+        level = np.clip(np.asarray(Image.fromarray(heat.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR))
+                        / top, 0.0, 1.0)
+        heat_rgba = colours(level)
+        heat_rgba[..., 3] = 0.1 + 0.6 * level  # translucent, more so where occlusion changes little
+        ax.imshow(image, interpolation="nearest")
+        ax.imshow(heat_rgba, interpolation="nearest")
+        shown = ScalarMappable(Normalize(0.0, top), colours)
+        figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label=SALIENCY_LABELS.get(name, name))
+        ax.set_axis_off()
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure_image(figure)
+
+
+def open_loop_grid(rows: np.ndarray, context: int, columns: int = 10, title: str = "") -> np.ndarray:
+    """`open_loop`'s (T, 3 H, W, 3) output as a grid a person can read: time across (`columns` steps,
+    evenly spread, the last observed one among them), truth / prediction / error down."""
+    length, height = rows.shape[0], rows.shape[1] // 3
+    picked = sorted(set(np.linspace(0, length - 1, min(columns, length)).round().astype(int)) | {min(context, length) - 1})
+    figure = new_figure(1.3 * len(picked) + 0.8, 4.3)
+    axes = figure.subplots(3, len(picked), squeeze=False)
+    for column, t in enumerate(picked):
+        for row, label in enumerate(("truth", "prediction", "error")):
+            ax = axes[row, column]
+            ax.imshow(rows[t, row * height:(row + 1) * height], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column == 0:
+                ax.set_ylabel(label)
+        axes[0, column].set_title(f"t={t}" + (" (observed)" if t < context else ""), fontsize=8,
+                                  color="black" if t < context else "tab:red")
+    figure.suptitle(title or f"open loop: {context} frames observed, then imagined from the actions taken "
+                    "(error: grey where equal)", fontsize=9)
+    figure.tight_layout()
+    return figure_image(figure)
 
 
 OPEN_LOOP_FRAMES = 50  # DreamerV3's report: 5 observed, 45 imagined
+OPEN_LOOP_CONTEXT = 5
 SALIENCY_FRAMES = 100  # frames of the saliency video (65 encoder passes each at 8-pixel patches)
 
 
 def open_loop_video(agent, episodes: list[tuple[list[np.ndarray], list[np.ndarray]]], size: int = VIDEO_SIZE) -> np.ndarray:
     """Open-loop predictions of the first `OPEN_LOOP_FRAMES` frames of each (frames, actions)
     episode, side by side, each frame enlarged to `size` pixels: (T, 3 size, k size, 3) uint8."""
-    clips = [list(open_loop(agent, np.stack(f[:OPEN_LOOP_FRAMES]), np.stack(a[:OPEN_LOOP_FRAMES]))) for f, a in episodes]
+    clips = [list(open_loop(agent, np.stack(f[:OPEN_LOOP_FRAMES]), np.stack(a[:OPEN_LOOP_FRAMES]), OPEN_LOOP_CONTEXT))
+             for f, a in episodes]
     return side_by_side(clips, height=3 * size)
 
 
-def saliency_video(agent, frames: list[np.ndarray], actions: list[np.ndarray], size: int = VIDEO_SIZE) -> np.ndarray:
-    """The first `SALIENCY_FRAMES` frames of an episode with the value's (left) and the policy's
-    (right) occlusion saliency over them: (T, size, 2 size, 3) uint8."""
+def saliency_video(agent, frames: list[np.ndarray], actions: list[np.ndarray]) -> np.ndarray:
+    """The first `SALIENCY_FRAMES` frames of an episode, each as `saliency_figure` draws it, on
+    one colour scale per map for the whole video: (T, H, W, 3) uint8."""
     maps = saliency(agent, np.stack(frames[:SALIENCY_FRAMES]), np.stack(actions[:SALIENCY_FRAMES]))
-    return np.stack([np.concatenate([overlay(f, v, size), overlay(f, p, size)], axis=1)
-                     for f, v, p in zip(frames, maps["value"], maps["policy"])])
+    scales = {name: float(heat.max()) for name, heat in maps.items()}
+    return np.stack([saliency_figure(f, {"value": v, "policy": p}, scales, f"t={t}")
+                     for t, (f, v, p) in enumerate(zip(frames, maps["value"], maps["policy"]))])

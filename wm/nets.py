@@ -85,10 +85,12 @@ class BlockLinear(nn.Module):
 
 
 class NormAct(nn.Sequential):
-    """RMSNorm then SiLU: what follows every hidden layer."""
+    """RMSNorm (or BatchNorm1d, MuDreamer's switch) then SiLU: what follows every hidden layer."""
 
-    def __init__(self, dim: int):
-        super().__init__(RMSNorm(dim), nn.SiLU())
+    def __init__(self, dim: int, kind: str = "rms"):
+        if kind not in ("rms", "batch"):
+            raise ValueError(f"unknown norm {kind!r}: use 'rms' or 'batch'")
+        super().__init__(RMSNorm(dim) if kind == "rms" else nn.BatchNorm1d(dim), nn.SiLU())
 
 
 class MLP(nn.Sequential):

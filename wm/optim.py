@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from wm.profiling import phase
+
 
 class LaProp(torch.optim.Optimizer):
     """LaProp (Ziyin et al. 2020) as DreamerV3 chains it: per-tensor adaptive gradient clipping,
@@ -106,3 +108,37 @@ class OptimizerConfig:
 
     def build(self, params) -> LaProp:
         return LaProp(params, self.lr, (self.beta1, self.beta2), self.eps, self.agc, self.pmin, self.warmup)
+
+
+def finite_flags(total: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """Whether each gradient tensor, then (last) the loss, is entirely finite: one fused check.
+
+    The max-abs norm is inf or NaN exactly when a value is (an L2 norm would overflow to inf on
+    large finite gradients).
+    """
+    norms = torch._foreach_norm(grads, float("inf")) if grads else []
+    return torch.stack([n.float() for n in norms] + [total.detach().float()]).isfinite()
+
+
+def guarded_step(module, total: torch.Tensor, saved_buffers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Backward of `total` and one step of the LightningModule's (LaProp) optimiser, taken only if
+    the loss and every gradient are finite, decided on the device: otherwise parameters, optimiser
+    state and the module's buffers (as `saved_buffers`, cloned before the forward) keep their
+    values. Returns (taken, the finite flags of each gradient then the loss, the gradients' names).
+    """
+    optimizer = module.optimizers()
+    optimizer.zero_grad(set_to_none=True)
+    with phase("backward"):
+        module.manual_backward(total)
+    named_grads = [(name, p.grad) for name, p in module.named_parameters() if p.grad is not None]
+    # Under a GradScaler (16-mixed) the scaled gradients overflow by design; the scaler skips
+    # those steps and lowers its scale, so only the loss is checked here.
+    scaled = getattr(module.trainer.precision_plugin, "scaler", None) is not None
+    finite = finite_flags(total, [] if scaled else [g for _, g in named_grads])
+    taken = finite.all()
+    with phase("optimizer"):
+        optimizer.step(finite=taken)
+        optimizer.zero_grad(set_to_none=True)
+        for buffer, saved in zip(module.buffers(), saved_buffers):
+            buffer.copy_(torch.where(taken, buffer, saved))
+    return taken, finite, [] if scaled else [name for name, _ in named_grads]

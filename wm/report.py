@@ -42,7 +42,9 @@ from wm.envs import make_env  # noqa: E402
 from wm.files import atomic_write  # noqa: E402
 from wm.logger import sqlite_uri  # noqa: E402
 from wm.objectives import objective_name  # noqa: E402
-from wm.reference import REFERENCE_METHOD, Curve, normalized_score, reference_at, reference_curve, t_interval  # noqa: E402
+from wm.probe.report import ProbeReport, is_probe_experiment, make_probe_report  # noqa: E402
+from wm.reference import (REFERENCE_METHOD, Curve, normalized_score, reference_at, reference_curve,  # noqa: E402
+                          return_range, t_interval)
 
 REPORT_TAG = "wm.report"  # marks the report runs, which the next report skips
 AGGREGATES = ("mean", "median", "IQM", "optimality gap")
@@ -105,12 +107,8 @@ def last_episodes_return(returns: np.ndarray, counts: np.ndarray, episodes: int 
 
 def load_runs(client: MlflowClient, experiment: str, metric: str = "eval/return") -> list[RunResult]:
     """Every training run of `experiment` with at least one evaluation, oldest first."""
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = [e.name for e in client.search_experiments()]
-        raise ValueError(f"--experiment {experiment!r}: no such experiment in this store; it has {names}")
     results = []
-    for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"], max_results=50_000):
+    for run in client.search_runs([experiment_id_of(client, experiment)], order_by=["attributes.start_time ASC"], max_results=50_000):
         params = run.data.params
         if REPORT_TAG in run.data.tags or "env.task" not in params:
             continue
@@ -215,8 +213,9 @@ def final_rows(results: list[RunResult], random: dict[str, np.ndarray] | None = 
 
 
 def plot_curves(results: list[RunResult], path: Path) -> dict[str, dict[str, Curve]]:
-    """One panel per task: every objective's curve, and DreamerV3's where published. Returns the
-    curves drawn, per task and label."""
+    """One panel per task: every objective's mean over seeds (thick) with its 95% Student-t interval,
+    clipped to the task's return range where it is known, and each seed's curve (thin); DreamerV3's
+    where published. Returns the curves drawn, per task and label."""
     cells = group(results)
     tasks = sorted({task for task, _ in cells})
     columns = min(4, len(tasks))
@@ -229,10 +228,17 @@ def plot_curves(results: list[RunResult], path: Path) -> dict[str, dict[str, Cur
         reference = reference_curve(task, until=end * 1.05)
         if reference is not None:
             curves[REFERENCE_METHOD] = reference
+        bounds = return_range(task)
         for label, curve in curves.items():
             style = {"color": "black", "linestyle": "--"} if label == REFERENCE_METHOD else {}
-            line, = ax.plot(curve.steps, curve.mean, label=f"{label} ({curve.seeds} seeds)", **style)
-            ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.2, linewidth=0)
+            line, = ax.plot(curve.steps, curve.mean, label=f"{label} ({curve.seeds} seeds)", lw=2, **style)
+            low, high = (curve.low, curve.high) if bounds is None else (np.clip(curve.low, *bounds), np.clip(curve.high, *bounds))
+            ax.fill_between(curve.steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+            for run in cells.get((task, label), []):  # one thin line per seed under the mean
+                ax.plot(run.steps, run.returns, color=line.get_color(), lw=0.7, alpha=0.5)
+        if bounds is not None:  # a return outside the task's range is impossible: so is an interval there
+            span = bounds[1] - bounds[0]
+            ax.set_ylim(bounds[0] - 0.03 * span, bounds[1] + 0.03 * span)
         ax.set_title(task)
         ax.set_xlabel("env frames")
         ax.set_ylabel("eval return")
@@ -334,10 +340,34 @@ class Report:
 
 
 def make_report(tracking_uri: str, experiment: str, out: Path, reps: int = 2000, log: bool = True,
-                command: str = "python -m wm.report", random_frames: int = 0) -> Report:
-    """Writes the report files into `out` and, with `log`, into a new report run of the experiment.
+                command: str = "python -m wm.report", random_frames: int = 0) -> Report | ProbeReport:
+    """Writes the report files into `out` and, with `log`, into a new report run of the experiment:
+    a probe study's report (wm.probe.report) for an experiment of probed runs, else the RL one.
     With `random_frames`, each task's random-policy return is measured by playing it."""
     client = MlflowClient(tracking_uri)
+    experiment_id = experiment_id_of(client, experiment)
+    if is_probe_experiment(client, experiment_id):
+        report = make_probe_report(client, experiment_id, experiment, out, reps, command, REPORT_TAG)
+    else:
+        report = make_rl_report(client, experiment, out, reps, command, random_frames)
+    if log:
+        run = client.create_run(experiment_id, run_name="report", tags={REPORT_TAG: "1"})
+        report.run_id = run.info.run_id
+        client.log_artifacts(report.run_id, str(out), "report")
+        client.set_terminated(report.run_id, "FINISHED")
+    return report
+
+
+def experiment_id_of(client: MlflowClient, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ValueError(f"--experiment {experiment!r}: no such experiment in this store; it has {names}")
+    return found.experiment_id
+
+
+def make_rl_report(client: MlflowClient, experiment: str, out: Path, reps: int, command: str,
+                   random_frames: int) -> Report:
     results = load_runs(client, experiment)
     if not results:
         raise ValueError(f"--experiment {experiment!r} has no run with an evaluation (eval/return) yet")
@@ -362,34 +392,33 @@ def make_report(tracking_uri: str, experiment: str, out: Path, reps: int = 2000,
         plot_aggregates(aggregates, out, reps)
     report = Report(experiment, command, results, rows, curves, aggregates, None, reps, random_frames)
     (out / "report.md").write_text(report.markdown())
-    if log:
-        experiment_id = client.get_experiment_by_name(experiment).experiment_id
-        run = client.create_run(experiment_id, run_name="report", tags={REPORT_TAG: "1"})
-        report.run_id = run.info.run_id
-        client.log_artifacts(report.run_id, str(out), "report")
-        client.set_terminated(report.run_id, "FINISHED")
     return report
 
 
-GENERATED_BEGIN = "<!-- begin: written by python -m wm.report; edits between these lines are replaced -->"
-GENERATED_END = "<!-- end: written by python -m wm.report -->"
+def markers(section: str = "") -> tuple[str, str]:
+    """The lines that enclose a generated section (`section` names one of several in one file)."""
+    name = f" [{section}]" if section else ""
+    return (f"<!-- begin: written by python -m wm.report{name}; edits between these lines are replaced -->",
+            f"<!-- end: written by python -m wm.report{name} -->")
 
 
-def markdown_template(path: Path) -> str:
+def markdown_template(path: Path, section: str = "") -> str:
     """The text `write_generated_section` will fill: the file, or just the markers for a new one.
     A file without the markers is refused, never overwritten."""
-    text = path.read_text() if path.exists() else f"{GENERATED_BEGIN}\n{GENERATED_END}\n"
-    if GENERATED_BEGIN not in text or GENERATED_END not in text:
+    begin, end = markers(section)
+    text = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+    if begin not in text or end not in text:
         raise ValueError(f"--markdown {path}: the file exists without the generated-section markers; add the two "
-                         f"lines\n{GENERATED_BEGIN}\n{GENERATED_END}\nwhere the report should go, or choose a new file")
+                         f"lines\n{begin}\n{end}\nwhere the report should go, or choose a new file")
     return text
 
 
-def write_generated_section(path: Path, body: str) -> None:
-    """Puts `body` between the markers in `path`, keeping the prose around them."""
-    head, rest = markdown_template(path).split(GENERATED_BEGIN, 1)
-    tail = rest.split(GENERATED_END, 1)[1]
-    new = f"{head}{GENERATED_BEGIN}\n\n{body.strip()}\n\n{GENERATED_END}{tail}"
+def write_generated_section(path: Path, body: str, section: str = "") -> None:
+    """Puts `body` between the markers (of `section`) in `path`, keeping the prose around them."""
+    begin, end = markers(section)
+    head, rest = markdown_template(path, section).split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    new = f"{head}{begin}\n\n{body.strip()}\n\n{end}{tail}"
     atomic_write(path, lambda f: f.write(new.encode()))
 
 
@@ -404,6 +433,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, default=None,
                         help="also write every experiment's report into this markdown file, between its generated-"
                              "section markers (prose around them is kept)")
+    parser.add_argument("--section", default="", help="with --markdown: the named generated section to write, for a "
+                        "file that holds several (its markers carry the name)")
     parser.add_argument("--random-frames", type=int, default=0,
                         help="play random-policy episodes per task until they total this many env frames, for the "
                              "baseline column (10000: ~1000 toy episodes, 10 DMC ones)")
@@ -420,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.markdown is not None:
-            markdown_template(args.markdown)
+            markdown_template(args.markdown, args.section)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -443,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         for report, experiment in zip(reports, args.experiment):
             folder = Path(os.path.relpath(args.out / experiment if several else args.out, args.markdown.parent))
             sections.append(report.markdown(level=2, folder=f"{folder.as_posix()}/"))
-        write_generated_section(args.markdown, "\n".join(sections))
+        write_generated_section(args.markdown, "\n".join(sections), args.section)
         print(f"wrote {args.markdown}")
     return 0
 

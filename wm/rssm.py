@@ -71,11 +71,14 @@ class BlockGRU(nn.Module):
 class RSSM(nn.Module):
     """Prior p(z_t | h_t), posterior q(z_t | h_t, e_t) and the GRU h_t = f(h_{t-1}, z_{t-1}, a_{t-1}).
 
+    `posterior_norm` "batch" puts BatchNorm (over the batch, at every step) in the posterior's
+    hidden layer instead of RMSNorm: one of MuDreamer's placements.
+
     Actions are aligned with observations: `action[t]` is the action that led to observation t
     (zeros where `is_first`).
     """
 
-    def __init__(self, size: ModelSize, embed_dim: int, action_dim: int, unimix: float = 0.01):
+    def __init__(self, size: ModelSize, embed_dim: int, action_dim: int, unimix: float = 0.01, posterior_norm: str = "rms"):
         super().__init__()
         self.size, self.unimix = size, unimix
         self.action_dim = action_dim
@@ -85,7 +88,7 @@ class RSSM(nn.Module):
         # Posterior over [deter, embed]: one hidden layer. Its first linear is applied in two
         # halves so that the embedding half runs once for the whole sequence in `observe`.
         self.post_in = Linear(size.deter + embed_dim, size.hidden)
-        self.post_out = nn.Sequential(NormAct(size.hidden), Linear(size.hidden, latent))
+        self.post_out = nn.Sequential(NormAct(size.hidden, posterior_norm), Linear(size.hidden, latent))
 
     def initial(self, batch: int, device: torch.device | str = "cpu") -> State:
         s = self.size

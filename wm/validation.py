@@ -193,15 +193,31 @@ def native_bf16(device: str) -> bool:
     return False
 
 
+def effective_precision(precision, device: str) -> str:
+    """The one rule for `fit`, `test` and every `wm.bench` mode: bf16-mixed only where `device`
+    computes bfloat16 natively, else 32-true (emulated bfloat16 is slower than float32). Other
+    precisions are what they say (Lightning's aliases resolved)."""
+    precision = PRECISION_ALIASES.get(precision, precision)
+    if precision == "bf16-mixed" and device in ("cpu", "cuda") and not native_bf16(device):
+        return "32-true"
+    return precision
+
+
+def fallback_message(requested, effective: str) -> str:
+    return (f"precision={requested}: this device has no native bfloat16 (no AVX512-BF16 or AMX CPU, no Ampere or "
+            f"newer GPU) and would emulate it slower than float32; running in {effective} instead")
+
+
 def precision_fallback(config) -> str | None:
-    """"32-true" where bf16-mixed is asked for on a device without native bfloat16, which would
-    emulate it slower than float32; None otherwise."""
+    """The precision a config's bf16-mixed becomes on a device that would only emulate it
+    (`effective_precision`); None where nothing changes."""
     accelerator = config.get("trainer.accelerator")
     precision = config.get("trainer.precision")
-    if PRECISION_ALIASES.get(precision, precision) != "bf16-mixed" or not isinstance(accelerator, str):
+    if not isinstance(accelerator, str):
         return None
     device, _ = resolve_accelerator(accelerator)
-    return "32-true" if device in ("cpu", "cuda") and not native_bf16(device) else None
+    effective = effective_precision(precision, device)
+    return effective if effective != PRECISION_ALIASES.get(precision, precision) else None
 
 
 def precision_problems(config, device: str) -> list[str]:

@@ -66,12 +66,13 @@ class WorldModel(L.LightningModule):
         self.config = config = config or WorldModelConfig()
         self.size = size
         self.encoder = MultiEncoder(observation_shapes, size.depth, size.units, norm=objective.encoder_norm)
-        self.rssm = RSSM(size, self.encoder.out_dim, action_dim, config.unimix)
+        self.rssm = RSSM(size, self.encoder.out_dim, action_dim, config.unimix, objective.posterior_norm)
         self.two_hot = TwoHot(symexp_bins())
         self.reward = Head(size.feat_dim, len(self.two_hot.bins), size.units, 1, outscale=0.0)
         self.cont = Head(size.feat_dim, 1, size.units, 1)
         self.objective = objective
-        objective.attach(ModelDims(size, dict(observation_shapes), self.encoder.out_dim, action_dim, discrete, policy_unimix))
+        objective.attach(ModelDims(size, dict(observation_shapes), self.encoder.out_dim, action_dim, discrete, policy_unimix),
+                         self.encoder)
         self.kl_dyn = objective.kl_dyn if objective.kl_dyn is not None else config.kl_dyn
         self.kl_rep = objective.kl_rep if objective.kl_rep is not None else config.kl_rep
 
@@ -89,11 +90,20 @@ class WorldModel(L.LightningModule):
 
         The batch holds the observation keys, `action` (B, T, A) aligned so that action[t] led to
         observation t, `reward`, `is_first`, `is_last` and `is_terminal`. `initial` is the latent
-        state before the first step (replay context); zeros when None.
+        state before the first step (replay context); zeros when None. An objective whose encoder
+        input holds V views of each sequence (V B sequences) has them all observed and scored;
+        the posterior returned is the first view's (B, T).
         """
         obs = self.encoder.select(batch)
+        seen = self.objective.encoder_input(obs, self.encoder.image_keys)
+        batch_size = batch["reward"].shape[0]
+        views = next(iter(seen.values())).shape[0] // batch_size
+        if views > 1:  # the objective observes several views of every sequence (DreamerPro: two augmentations)
+            batch = {k: torch.cat([batch[k]] * views) for k in ("action", "reward", "is_first", "is_last", "is_terminal")}
+            obs = {k: torch.cat([v] * views) for k, v in obs.items()}
+            initial = initial.map(lambda x: torch.cat([x] * views)) if initial is not None else None
         with phase("encode"):
-            embed = self.encoder(self.objective.encoder_input(obs, self.encoder.image_keys))
+            embed = self.encoder(seen)
         with phase("observe"):
             post, post_logits, prior_logits = self.rssm.observe(embed, batch["action"], batch["is_first"], initial)
         dyn, rep = kl_losses(post_logits, prior_logits, self.config.free_nats)
@@ -110,7 +120,8 @@ class WorldModel(L.LightningModule):
         initial = initial if initial is not None else self.rssm.initial(feat.shape[0], feat.device)
         prev_feat = torch.cat([initial.feat[:, None].to(feat.dtype), feat[:, :-1]], 1)
         inputs = ObjectiveInputs(
-            obs, embed, post, prev_feat, batch["action"], batch["reward"].float(), cont, batch["is_first"], batch["is_last"]
+            obs, embed, post, prev_feat, batch["action"], batch["reward"].float(), cont, batch["is_first"], batch["is_last"],
+            seen,
         )
         with phase("objective"):
             objective_terms = self.objective.losses(inputs)
@@ -119,4 +130,5 @@ class WorldModel(L.LightningModule):
         terms.update(objective_terms)
         terms["prior_entropy"] = -(prior_logits.exp() * prior_logits).sum(-1).mean().detach()
         terms["post_entropy"] = -(post_logits.exp() * post_logits).sum(-1).mean().detach()
-        return WorldModelOutput(loss, terms, post, cont)
+        # Imagination and the replay context go on from the first view: the batch's own sequences.
+        return WorldModelOutput(loss, terms, post.map(lambda x: x[:batch_size]), cont[:batch_size])

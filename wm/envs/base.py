@@ -40,3 +40,8 @@ class PixelEnv(gym.Env):
 
     def render(self) -> np.ndarray | None:
         return self._frame
+
+    def true_state(self) -> dict[str, np.ndarray]:
+        """The simulator's state behind the current observation, in named groups of float vectors
+        (what a probe of the latent state is scored against: wm.probe)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its true state")

@@ -66,6 +66,18 @@ def step_repeated(env, action: np.ndarray, repeat: int):
     return time_step, float(reward)
 
 
+def physics_state(physics, task) -> dict[str, np.ndarray]:
+    """DMCEnv.true_state of a suite task's physics."""
+    state = {"qpos": physics.data.qpos.copy(), "qvel": physics.data.qvel.copy()}
+    for name, value in task.get_observation(physics).items():
+        state[name] = np.asarray(value, np.float64).ravel()
+    contacts = physics.data.contact[: physics.data.ncon]
+    touching = set(contacts.geom1) | set(contacts.geom2)
+    agent_geoms = [g for g in range(physics.model.ngeom) if physics.model.geom_bodyid[g] != 0]  # body 0: the world
+    state["contact"] = np.array([g in touching for g in agent_geoms], np.float64)
+    return state
+
+
 class DMCEnv(PixelEnv):
     """A suite task with actions normalised to [-1, 1] and the camera image as observation.
 
@@ -102,6 +114,12 @@ class DMCEnv(PixelEnv):
 
     def close(self) -> None:
         self._env.close()
+
+    def true_state(self) -> dict[str, np.ndarray]:
+        """`qpos` and `qvel`, the task's own state observations by name (what dm_control's state
+        observation holds: e.g. position, velocity, to_target, touch) and `contact`: whether each
+        geom of the agent touches anything."""
+        return physics_state(self._env.physics, self._env.task)
 
     def _render(self) -> np.ndarray:
         return self._env.physics.render(self._size, self._size, camera_id=self._camera)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from wm.envs.dmc import DMCEnv
 
 
@@ -54,3 +56,12 @@ class DMCSubtleEnv(DMCEnv):
         if spec.task_attribute is not None:
             task = self._env.task
             setattr(task, spec.task_attribute, getattr(task, spec.task_attribute) * spec.factor)
+        self._objects = [(field.removesuffix("_size"), key[0]) for field, key in spec.sizes if field != "tendon_width"]
+
+    def true_state(self) -> dict[str, np.ndarray]:
+        """DMCEnv's groups and `object`: the world position of each shrunk geom or site, the small
+        object that R2-Dreamer's claim is about."""
+        data = self._env.physics.named.data
+        state = super().true_state()
+        state["object"] = np.concatenate([getattr(data, f"{kind}_xpos")[name] for kind, name in self._objects])
+        return state

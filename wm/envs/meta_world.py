@@ -72,5 +72,11 @@ class MetaWorldEnv(PixelEnv):
                 break
         return self._observe(self._render()), total, False, bool(truncated), {"success": self._success}
 
+    def true_state(self) -> dict[str, np.ndarray]:
+        """World positions of the gripper (`hand`), of the task's object(s) and of the goal."""
+        return {"hand": np.asarray(self._env.tcp_center, np.float64).copy(),
+                "object": np.asarray(self._env._get_pos_objects(), np.float64).ravel().copy(),
+                "goal": np.asarray(self._env._target_pos, np.float64).copy()}
+
     def close(self) -> None:
         self._env.close()

@@ -48,6 +48,10 @@ class PointReach(PixelEnv):
             reward = 0.5 * (1.0 - distance / (2 * np.sqrt(2)))  # 2*sqrt(2): the arena's diagonal
         return self._observe(self._draw()), float(reward), False, False, {}
 
+    def true_state(self) -> dict[str, np.ndarray]:
+        """Arena positions of the agent and of the target."""
+        return {"agent": self._agent.copy(), "target": self._target.copy()}
+
     def _draw(self) -> np.ndarray:
         image = np.empty(self._x.shape + (3,), np.uint8)
         image[:] = self.BACKGROUND
@@ -96,6 +100,11 @@ class Catch(PixelEnv):
         caught = 0 <= self._ball_col - self._paddle < self.PADDLE_WIDTH
         reward = (1.0 if caught else -1.0) if landed else 0.0
         return self._observe(self._draw()), reward, landed, False, {}
+
+    def true_state(self) -> dict[str, np.ndarray]:
+        """Grid cells: the ball's column (x) and row (y), and the paddle's centre column (x)."""
+        return {"ball": np.array([self._ball_col, self._ball_row], np.float64),
+                "paddle": np.array([self._paddle + (self.PADDLE_WIDTH - 1) / 2], np.float64)}
 
     def _draw(self) -> np.ndarray:
         grid = np.zeros((self.GRID, self.GRID, 3), np.uint8)

@@ -51,6 +51,7 @@ class ObjectiveInputs:
     cont: torch.Tensor  # discounted continue target (1 - 1/H)(1 - terminal), (B, T)
     is_first: torch.Tensor  # (B, T)
     is_last: torch.Tensor  # (B, T)
+    seen: Mapping[str, torch.Tensor] | None = None  # what the encoder saw (`encoder_input`: augmented views)
 
 
 class Objective(nn.Module):
@@ -66,6 +67,7 @@ class Objective(nn.Module):
 
     scales: dict[str, float] = {}
     encoder_norm: str = "rms"  # "batch" puts BatchNorm in the encoder (MuDreamer)
+    posterior_norm: str = "rms"  # "batch" puts BatchNorm in the posterior's hidden layer (MuDreamer)
     kl_dyn: float | None = None  # KL weights that replace the core's defaults when set
     kl_rep: float | None = None
 
@@ -73,8 +75,11 @@ class Objective(nn.Module):
         super().__init__()
         self.augment, self.probe_decoder = augment, probe_decoder
 
-    def attach(self, dims: ModelDims) -> None:
-        """Build the objective's networks for the core's sizes, and the probe decoder if asked."""
+    def attach(self, dims: ModelDims, encoder: nn.Module | None = None) -> None:
+        """Build the objective's networks for the core's sizes, and the probe decoder if asked.
+        `encoder` is the world model's, for objectives that keep a target copy of it (it is not
+        registered here: its parameters belong to the world model)."""
+        self.__dict__["online_encoder"] = encoder
         self.build(dims)
         if self.probe_decoder:
             s = dims.size
@@ -99,7 +104,8 @@ class Objective(nn.Module):
         return self.probe if self.probe_decoder else None
 
     def encoder_input(self, obs: Mapping[str, torch.Tensor], image_keys: list[str]) -> Mapping[str, torch.Tensor]:
-        """The observations the encoder sees during training."""
+        """The observations the encoder sees during training: (B, T, ...), or V views of every
+        sequence as (V B, T, ...), which the world model then observes and scores all."""
         if not self.augment:
             return obs
         return {k: random_shift(v) if k in image_keys else v for k, v in obs.items()}

@@ -10,6 +10,9 @@ from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
 from wm.returns import ema_update_, frozen_copy, replay_returns
 
 
+BATCHNORM_PLACES = ("encoder", "posterior", "both", "none")
+
+
 def action_nll(raw: torch.Tensor, target: torch.Tensor, discrete: bool, unimix: float = POLICY_UNIMIX) -> torch.Tensor:
     """Negative log-likelihood of `target` under the policy's distribution family.
 
@@ -30,7 +33,10 @@ class MuDreamer(Objective):
       cross-entropy). It shapes the representation only; acting uses the actor-critic's critic.
     - action head: predicts a_{t-1} from (e_t, s_{t-1}) (inverse dynamics), NLL of the policy's
       distribution family, skipped where an episode starts (no previous action).
-    - BatchNorm in the encoder instead of RMSNorm.
+    - BatchNorm in the "representation network" instead of RMSNorm. The paper leaves open whether
+      that is the image encoder or the posterior (docs/algorithm.md §2): `batchnorm` is "encoder"
+      (the default, the likelier reading), "posterior", "both" or "none" (True and False, the
+      switch's older values, mean "encoder" and "none").
     - optional decoder on sg(s_t) for visualisation only (`probe_decoder`, as on any objective).
     - KL weights 0.95 / 0.05.
     Head depths, loss scales and the teacher rate are not published: defaults are the critic's
@@ -41,7 +47,7 @@ class MuDreamer(Objective):
         self,
         value_head: bool = True,
         action_head: bool = True,
-        batchnorm: bool = True,
+        batchnorm: str | bool = "encoder",
         value_scale: float = 1.0,
         action_scale: float = 1.0,
         head_layers: int = 3,
@@ -53,11 +59,15 @@ class MuDreamer(Objective):
         probe_decoder: bool = False,
     ):
         super().__init__(augment=augment, probe_decoder=probe_decoder)
+        batchnorm = {True: "encoder", False: "none"}.get(batchnorm, batchnorm)
+        if batchnorm not in BATCHNORM_PLACES:
+            raise ValueError(f"batchnorm={batchnorm!r}: choose one of {', '.join(BATCHNORM_PLACES)}")
         self.value_head, self.action_head, self.batchnorm = value_head, action_head, batchnorm
         self.value_scale, self.action_scale = value_scale, action_scale
         self.head_layers, self.teacher_rate, self.lam = head_layers, teacher_rate, lam
         self.kl_dyn, self.kl_rep = kl_dyn, kl_rep
-        self.encoder_norm = "batch" if batchnorm else "rms"
+        self.encoder_norm = "batch" if batchnorm in ("encoder", "both") else "rms"
+        self.posterior_norm = "batch" if batchnorm in ("posterior", "both") else "rms"
 
     def build(self, dims: ModelDims) -> None:
         s = dims.size

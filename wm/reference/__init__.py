@@ -120,6 +120,13 @@ def reference_at(task: str, frames: float, window: float = 20_000.0) -> float | 
     return float(np.mean(means)) if means else None
 
 
+def return_range(task: str) -> tuple[float, float] | None:
+    """The lowest and highest return an episode of `task` can have, where known."""
+    suite, _ = split_task(task)
+    bounds = RETURN_RANGES.get(task, RETURN_RANGES.get(suite))
+    return None if bounds is None else (float(bounds[0]), float(bounds[1]))
+
+
 def normalized_score(task: str, value: float) -> float | None:
     """A final score on a common scale: human-normalised for Atari, return / 1000 for DMC suites,
     the success rate itself for Meta-World (pass `eval/success`), the toy tasks' return range.
@@ -130,7 +137,8 @@ def normalized_score(task: str, value: float) -> float | None:
         return (value - random) / (human - random)
     if suite == "metaworld":
         return value
-    low, high = RETURN_RANGES.get(task, RETURN_RANGES.get(suite, (None, None)))
-    if low is None:
+    bounds = return_range(task)
+    if bounds is None:
         return None
+    low, high = bounds
     return (value - low) / (high - low)

@@ -1,0 +1,26 @@
+"""`python -m wm.bench update`: one rule with `fit` for the precision it measures."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+import wm.validation
+from wm import bench
+
+
+def test_bf16_on_a_cpu_without_native_bfloat16_is_measured_in_float32_and_said(monkeypatch, capsys):
+    """Whatever this machine has: without native bfloat16 a benchmark of bf16-mixed runs, and
+    reports, 32-true, as a fit would (emulated bfloat16 is slower than float32)."""
+    monkeypatch.setattr(wm.validation, "native_bf16", lambda device: False)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["update", "--size", "size1M", "--batch", "2", "--length", "4", "--updates", "1", "--warmup", "1",
+                    "--precision", "bf16", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "precision=bf16-mixed: this device has no native bfloat16" in out and "running in 32-true instead" in out
+    assert re.search(r"^objective barlow  size size1M  B=2 T=4  precision 32-true  device cpu", out, re.M), out
+    assert "float32 matmul peak" in out

@@ -1,0 +1,160 @@
+"""Representation probes (wm.probe): the true state the collector records, the ridge probe against
+maps known in advance, offline world-model training on a dataset, probing an offline and a fit's
+checkpoint into their MLflow runs, the anchors, and the report of a study."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tests.test_training import TINY
+from wm.cli import main as fit_main
+from wm.envs import make_env
+from wm.envs.toy import Catch
+from wm.probe import evaluate
+from wm.probe.commands import eval_main
+from wm.probe.dataset import Collection, ProbeDataset, collect
+from wm.probe.offline import main as train_main
+from wm.probe.ridge import fit_ridge, r2_score
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--config", str(REPO / "configs/probe/train.yaml"), "--trainer.max_steps", "40", "--trainer.val_check_interval",
+         "20", "--data.sequence_length", "8", "--data.batch_size", "8", "--data.validation_batches", "4",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--run.checkpoint_every", "20"]
+
+
+@pytest.fixture(scope="module")
+def catch(tmp_path_factory) -> ProbeDataset:
+    """Random-policy toy Catch, 3000 frames: about 400 train and 100 held-out episodes."""
+    return collect(Collection("toy-catch", 3000, action_repeat=1), tmp_path_factory.mktemp("data") / "catch")
+
+
+@pytest.fixture(scope="module")
+def offline(catch, tmp_path_factory) -> Path:
+    """A Barlow world model trained offline for 40 updates on the Catch dataset: its run root."""
+    root = tmp_path_factory.mktemp("runs")
+    train_main([*TRAIN, "--data.dataset", str(catch.folder), "--run.root", str(root)])
+    return root
+
+
+def test_the_collected_state_is_the_simulators(catch):
+    """Catch's ball and paddle, read back from the stored frames by their colours, are the recorded
+    true state, for every step; episodes are split whole, every fifth held out."""
+    steps = catch.steps("train")
+    image, ball, paddle = steps["image"].numpy(), steps["state.ball"].numpy(), steps["state.paddle"].numpy()
+    cell = 64 // Catch.GRID
+    for t in range(0, 60):
+        rows, cols = np.nonzero((image[t] == Catch.BALL_COLOUR).all(-1))
+        assert (cols.mean() // cell, rows.mean() // cell) == tuple(ball[t]), t
+        paddle_cols = np.nonzero((image[t][-1] == Catch.PADDLE_COLOUR).all(-1))[0] // cell  # the bottom row
+        assert paddle_cols.mean() == paddle[t][0], t
+    info = catch.info
+    assert info["splits"]["heldout"]["episodes"] * 5 == pytest.approx(info["splits"]["train"]["episodes"] + info["splits"]["heldout"]["episodes"], abs=5)
+    first = steps["is_first"]
+    assert first[0] and (steps["action"][first] == 0).all() and (steps["reward"][first] == 0).all()
+    assert catch.groups == {"ball": 2, "paddle": 1} and catch.info["discrete"] and catch.info["action_dim"] == 3
+
+
+def test_the_collected_state_of_a_dmc_task_replays_in_the_simulator(tmp_path):
+    """cartpole: the recorded qpos and qvel of an episode are what the simulator holds when the
+    recorded actions are played again from the same seed."""
+    dataset = collect(Collection("dmc-cartpole_swingup", 2000, action_repeat=2, time_limit=30, heldout_every=2), tmp_path / "cp")
+    steps = dataset.steps("train")
+    env = make_env("dmc-cartpole_swingup", 2, 30)
+    try:
+        env.reset(seed=0)  # episode 0, reset with the collection's seed + 0
+        physics = env.unwrapped._env.physics
+        for t in range(0, 12):
+            if t:
+                env.step(steps["action"][t].numpy())
+            np.testing.assert_allclose(physics.data.qpos, steps["state.qpos"][t].numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(physics.data.qvel, steps["state.qvel"][t].numpy(), rtol=1e-5, atol=1e-6)
+        assert set(dataset.groups) >= {"qpos", "qvel", "position", "velocity", "contact"}
+    finally:
+        env.close()
+
+
+def test_ridge_recovers_a_known_linear_map_and_nothing_from_noise():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 20, generator=generator)
+    true_map = torch.randn(20, 4, generator=generator)
+    y = x @ true_map + 0.01 * torch.randn(3000, 4, generator=generator)
+    first = torch.zeros(3000, dtype=torch.bool)
+    first[::50] = True  # 60 episodes of 50 steps
+    train, held = slice(0, 2500), slice(2500, None)
+    probe = fit_ridge(x[train], y[train], first[train])
+    assert probe.score(x[held], y[held]) > 0.999
+    prediction = probe.predict_standardised(x[held]) * probe.y_scale + probe.y_mean
+    torch.testing.assert_close(prediction.float(), (x[held] @ true_map), atol=0.05, rtol=0)
+    assert probe.penalty <= 1e-2, "an exact map needs almost no penalty"
+    noise = torch.randn(3000, 20, generator=generator)
+    useless = fit_ridge(noise[train], y[train], first[train])
+    assert abs(useless.score(noise[held], y[held])) < 0.02
+    # R² against numpy's, computed here: 1 - SSE / SST pooled over the columns
+    t, p = y[held].double(), probe.predict_standardised(x[held]) * probe.y_scale + probe.y_mean
+    expected = 1 - ((t - p) ** 2).sum().item() / ((t - t.mean(0)) ** 2).sum().item()
+    assert float(r2_score(t, p)) == pytest.approx(expected)
+
+
+def test_offline_training_lowers_the_held_out_loss_and_is_a_run(offline):
+    client = MlflowClient(f"sqlite:///{offline / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("probe").experiment_id])
+    assert run.info.run_name == "catch-barlow-s0" and run.info.status == "FINISHED"
+    held_out = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "heldout/loss"), key=lambda m: m.step)]
+    assert len(held_out) >= 2 and held_out[-1] < held_out[0], held_out
+    assert run.data.params["model.objective.class_path"] == "wm.objectives.Barlow"
+    assert {p.name for p in (offline / "catch-barlow-s0/checkpoints").glob("*.ckpt")} >= {"last.ckpt"}
+    # a resume with another learning rate is refused, as a fit's
+    from wm.run_cli import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"model.optimizer.lr: 0.0003 \(checkpoint\) -> 0.001 \(now\)"):
+        train_main([*TRAIN, "--data.dataset", str(Path(run.data.params["data.dataset"])), "--run.root", str(offline),
+                    "--ckpt_path", "last", "--model.optimizer.lr", "1e-3"])
+
+
+def test_probe_eval_logs_into_the_checkpoints_run_and_the_rollout_degrades_with_the_horizon(offline, catch, capsys):
+    checkpoint = offline / "catch-barlow-s0/checkpoints/last.ckpt"
+    eval_main(["--ckpt", str(checkpoint), "--data", str(catch.folder), "--observe", "1", "--horizon", "5"])
+    client = MlflowClient(f"sqlite:///{offline / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("probe").experiment_id], filter_string="attributes.run_name = 'catch-barlow-s0'")
+    metrics = run.data.metrics
+    assert {"probe/ball/r2", "probe/paddle/r2", "probe/overall/r2", "probe/ball/r2_deter", "probe/overall/r2_stoch"} <= set(metrics)
+    assert metrics["probe/paddle/r2"] > 0.5 and run.info.status == "FINISHED"
+    ball = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "probe/rollout/ball/r2"), key=lambda m: m.step)]
+    reward = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "probe/rollout/reward_mse"), key=lambda m: m.step)]
+    assert len(ball) == 6 and ball[-1] < ball[0], ball  # imagined states lose what observed ones hold
+    assert reward[-1] > reward[0], reward
+    folder = offline / "catch-barlow-s0/probe"
+    rows = list(csv.DictReader((folder / "catch-barlow-s0_on_catch.csv").open()))
+    assert {row["kind"] for row in rows} == {"probe", "overall", "rollout", "reward_mse"}
+    assert (folder / "catch-barlow-s0_on_catch.png").is_file()
+    assert "overall R²" in capsys.readouterr().out
+
+
+def test_anchors_span_the_scale_from_noise_to_the_true_state(catch, tmp_path):
+    root = tmp_path / "anchors"
+    for anchor in ("true", "noise", "untrained"):
+        eval_main(["--anchor", anchor, "--data", str(catch.folder), "--root", str(root), "--experiment", "anchors",
+                   "--observe", "1", "--horizon", "3"])
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = {r.data.params["anchor"]: r.data.metrics for r in client.search_runs([client.get_experiment_by_name("anchors").experiment_id])}
+    assert runs["true"]["probe/overall/r2"] > 0.999
+    assert abs(runs["noise"]["probe/overall/r2"]) < 0.05
+    assert 0.05 < runs["untrained"]["probe/overall/r2"] < runs["true"]["probe/overall/r2"]
+
+
+def test_a_fits_checkpoint_is_probed_in_its_own_run(catch, tmp_path):
+    fit_main(["fit", *TINY, "--run.root", str(tmp_path), "--env.total_steps", "24"])
+    checkpoint = tmp_path / "tiny/checkpoints/last.ckpt"
+    world_model, _ = evaluate.load_world_model(checkpoint)
+    result = evaluate.probe_world_model(world_model, catch, observe_steps=1, horizon=2)
+    assert set(result.r2) == {(f, g) for f in evaluate.FEATURES for g in ("ball", "paddle")}
+    eval_main(["--ckpt", str(checkpoint), "--data", str(catch.folder), "--observe", "1", "--horizon", "2"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.data.metrics["probe/overall/r2"] == pytest.approx(result.overall(), abs=1e-3)

@@ -1,0 +1,35 @@
+"""`python -m wm.probe collect|train|eval|study`: representation probes (see wm/probe/__init__.py).
+
+    python -m wm.probe collect --task dmc-cartpole_swingup --frames 20000 --out data/probe/dmc-cartpole_swingup
+    python -m wm.probe train --config configs/probe/train.yaml --config configs/objective/barlow.yaml \\
+        --data.dataset data/probe/dmc-cartpole_swingup
+    python -m wm.probe eval --ckpt runs/probe-dmc/<run>/checkpoints/last.ckpt --data data/probe/dmc-cartpole_swingup
+    python -m wm.probe eval --anchor true --data data/probe/dmc-cartpole_swingup
+    python -m wm.probe study --config configs/probe/dmc.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+
+from wm.probe.commands import collect_main, eval_main, study_main
+from wm.probe.offline import main as train_main
+from wm.run_cli import REFUSALS
+
+COMMANDS = {"collect": collect_main, "train": train_main, "eval": eval_main, "study": study_main}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m wm.probe {{{','.join(COMMANDS)}}} ...\n{__doc__}", file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (*REFUSALS, FileNotFoundError) as refusal:  # the message says what is wrong and how to fix it
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

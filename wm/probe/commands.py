@@ -1,0 +1,259 @@
+"""The command lines of `python -m wm.probe` (collect, eval, study); `train` is wm.probe.offline's."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from wm.files import atomic_write
+from wm.logger import create_store, sqlite_file, sqlite_uri
+from wm.probe import evaluate
+from wm.probe.dataset import Collection, ProbeDataset, collect
+from wm.probe.figures import plot_probe
+from wm.runs import RECORD_KEY, run_name
+from wm.sweep import OBJECTIVE_CONFIGS, run_locally
+
+ANCHORS = ("true", "noise", "untrained")
+PROBED_TAG = "wm.probe.dataset"  # on a run whose checkpoint was probed: the dataset it was probed on
+ANCHOR_TAG = "wm.probe.anchor"
+
+
+# ------------------------------------------------------------------------------------ collect
+def collect_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m wm.probe collect", description="record episodes with their true state")
+    parser.add_argument("--task", required=True, help="any task of wm.envs, e.g. dmc-cartpole_swingup")
+    parser.add_argument("--frames", type=int, required=True, help="env frames to collect (whole episodes: a little more)")
+    parser.add_argument("--out", type=Path, required=True, help="the dataset's folder")
+    parser.add_argument("--action-repeat", type=int, default=2)
+    parser.add_argument("--time-limit", type=int, default=None, help="agent steps per episode (default: the task's)")
+    parser.add_argument("--seed", type=int, default=0, help="episode i resets with seed + i")
+    parser.add_argument("--policy", default=None, help="a checkpoint whose policy acts (default: random actions)")
+    parser.add_argument("--epsilon", type=float, default=0.0, help="share of random actions with --policy")
+    parser.add_argument("--heldout-every", type=int, default=5, help="every Nth episode is held out")
+    parser.add_argument("--video-dir", default=None, help="background videos of dmc_distracting tasks")
+    parser.add_argument("--workers", type=int, default=1, help="processes that play episodes side by side")
+    args = parser.parse_args(argv)
+    dataset = collect(Collection(args.task, args.frames, args.action_repeat, args.time_limit, args.seed, args.policy,
+                                 args.epsilon, args.heldout_every, args.video_dir), args.out, args.workers)
+    splits = dataset.info["splits"]
+    print(f"{dataset.folder}: {splits['train']['episodes']} train and {splits['heldout']['episodes']} held-out episodes "
+          f"({splits['train']['frames'] + splits['heldout']['frames']:,} frames) in {dataset.info['seconds']:.0f} s; "
+          f"true-state groups: {', '.join(f'{g} ({d})' for g, d in dataset.groups.items())}")
+
+
+# --------------------------------------------------------------------------------------- eval
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m wm.probe eval", description="linear probes of the latent state")
+    parser.add_argument("--data", type=Path, required=True, help="a dataset made by `python -m wm.probe collect`")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ckpt", type=Path, help="a checkpoint of `python -m wm.probe train` or `python -m wm fit`")
+    what.add_argument("--anchor", choices=ANCHORS, help="the true state, noise, or an untrained model")
+    parser.add_argument("--objective", default="barlow", help="--anchor untrained: an objective config's name")
+    parser.add_argument("--size", default="size1M", help="--anchor untrained (and noise: its feature width)")
+    parser.add_argument("--seed", type=int, default=0, help="latent sampling, rollout starts; anchors' weights or noise")
+    parser.add_argument("--observe", type=int, default=5, help="steps a rollout's start has observed, at least")
+    parser.add_argument("--horizon", type=int, default=15, help="imagined steps")
+    parser.add_argument("--out", type=Path, default=None, help="CSV and figure folder (default: <run folder>/probe)")
+    parser.add_argument("--experiment", default="probe", help="anchors: the MLflow experiment of their runs")
+    parser.add_argument("--root", type=Path, default=Path("runs/probe"), help="anchors: their store's folder")
+    parser.add_argument("--tracking-uri", default="", help="anchors: their store (default: <root>/mlflow.db)")
+    parser.add_argument("--no-log", action="store_true", help="write the CSV and figure only")
+    return parser
+
+
+def objective_module(name: str):
+    """The objective an objective config (configs/objective/<name>.yaml) builds, and its run variant."""
+    path = OBJECTIVE_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no objective config {path}; choose from {sorted(p.stem for p in OBJECTIVE_CONFIGS.glob('*.yaml'))}")
+    import importlib
+
+    spec = yaml.safe_load(path.read_text())["model"]["objective"]
+    module, cls = spec["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)(**(spec.get("init_args") or {}))
+
+
+def anchor_result(args, dataset: ProbeDataset) -> evaluate.ProbeResult:
+    if args.anchor == "untrained":
+        from wm.probe.offline import OfflineWorldModel
+
+        torch.manual_seed(args.seed)
+        info = dataset.info
+        model = OfflineWorldModel(dataset.observation_shapes, info["action_dim"], info["discrete"],
+                                  objective_module(args.objective), args.size)
+        return evaluate.probe_world_model(model.world_model.eval(), dataset, args.observe, args.horizon, args.seed)
+    if args.anchor == "true":
+        train, held = (evaluate.true_state_features(dataset, split) for split in ("train", "heldout"))
+    else:
+        from wm.sizes import model_size
+
+        width = model_size(args.size).feat_dim
+        train, held = (evaluate.noise_features(dataset, split, width, args.seed) for split in ("train", "heldout"))
+    return evaluate.fit_probes(train, held, dataset, names=("both",))
+
+
+def log_result(uri: str, run_id: str, result: evaluate.ProbeResult, files: list[Path], dataset: ProbeDataset) -> None:
+    """The probe's numbers into an MLflow run (the rollout curves with the horizon as the step)."""
+    client, now = MlflowClient(uri), int(time.time() * 1000)
+    points = [Metric(key, value, now, 0) for key, value in evaluate.metrics(result).items()]
+    for group, curve in result.rollout_r2.items():
+        points += [Metric(f"probe/rollout/{group}/r2", value, now, k) for k, value in enumerate(curve)]
+    points += [Metric("probe/rollout/reward_mse", value, now, k) for k, value in enumerate(result.reward_mse)]
+    for start in range(0, len(points), 500):
+        client.log_batch(run_id, metrics=points[start : start + 500])
+    client.set_tag(run_id, PROBED_TAG, str(dataset.folder.resolve()))
+    for path in files:
+        client.log_artifact(run_id, str(path), "probe")
+
+
+def anchor_variant(args) -> str:
+    """`anchor_<kind>`, `anchor_untrained_<objective>`: the anchor's cell in a report."""
+    return f"anchor_{args.anchor}" + (f"_{args.objective}" if args.anchor == "untrained" else "")
+
+
+def anchor_name(args, dataset: ProbeDataset) -> str:
+    return run_name(dataset.name, anchor_variant(args), args.seed)
+
+
+def anchor_run(args, dataset: ProbeDataset) -> tuple[str, str]:
+    """(tracking URI, run id, run name) of a new MLflow run for an anchor."""
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(args.root / "mlflow.db")
+    db = sqlite_file(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        create_store(db)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(args.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(args.experiment)
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    name = anchor_name(args, dataset)
+    run = client.create_run(experiment_id, run_name=name, tags={ANCHOR_TAG: args.anchor})
+    params = {"anchor": args.anchor, "data.dataset": str(dataset.folder.resolve()), "seed_everything": args.seed,
+              "run.variant": anchor_variant(args), "model.size": args.size}
+    if args.anchor == "untrained":
+        params["objective"] = args.objective
+    client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    return uri, run.info.run_id
+
+
+def eval_main(argv: list[str]) -> None:
+    args = eval_parser().parse_args(argv)
+    dataset = ProbeDataset(args.data)
+    started = time.perf_counter()
+    if args.ckpt is not None:
+        world_model, checkpoint = evaluate.load_world_model(args.ckpt)
+        result = evaluate.probe_world_model(world_model, dataset, args.observe, args.horizon, args.seed)
+        record = checkpoint.get(RECORD_KEY) or {}
+        name = args.ckpt.resolve().parent.parent.name
+        out = args.out or args.ckpt.resolve().parent.parent / "probe"
+    else:
+        result = anchor_result(args, dataset)
+        name = anchor_name(args, dataset)
+        out = args.out or args.root / "anchors"
+    stem = f"{name}_on_{dataset.name}"
+    files = [out / f"{stem}.csv", out / f"{stem}.png"]
+    evaluate.write_csv(files[0], result)
+    plot_probe(result, files[1], f"{name} on {dataset.name}")
+    print(f"{name} on {dataset.name} ({time.perf_counter() - started:.0f} s): overall R² {result.overall():.3f}; "
+          + ", ".join(f"{g} {result.r2['both', g]:.3f}" for g in dataset.groups))
+    if result.rollout_r2:
+        print("  imagined, R² at horizon " + ", ".join(
+            f"{k}: {np.mean([curve[k] for curve in result.rollout_r2.values() if len(curve) > k]):.3f}"
+            for k in range(0, len(next(iter(result.rollout_r2.values()))), 5)))
+    print(f"  {files[0]}\n  {files[1]}")
+    if args.no_log:
+        return
+    if args.ckpt is not None:
+        if not record.get("run_id"):
+            print("  not logged: the checkpoint records no MLflow run (written by an older wm)")
+            return
+        uri, run_id = record["config"]["run"]["tracking_uri"], record["run_id"]
+    else:
+        uri, run_id = anchor_run(args, dataset)
+    log_result(uri, run_id, result, files, dataset)
+    print(f"  logged to MLflow run {run_id} in {uri}")
+
+
+# -------------------------------------------------------------------------------------- study
+def study_main(argv: list[str]) -> None:
+    """One study group: collect its datasets (once), train every objective and seed on each, probe
+    every trained run, and the anchors; all in one MLflow experiment for `python -m wm.report`."""
+    parser = argparse.ArgumentParser(prog="python -m wm.probe study", description=study_main.__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="a study config, e.g. configs/probe/dmc.yaml")
+    parser.add_argument("--parallel", type=int, default=None, help="training runs at once (default: the config's)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    study = yaml.safe_load(args.config.read_text())
+    experiment, root = study["experiment"], Path(study.get("root", f"runs/{study['experiment']}"))
+    data_root = Path(study.get("data", "data/probe"))
+    seeds, objectives = study["seeds"], study["objectives"]
+    started = time.perf_counter()
+    datasets = []
+    for spec in study["datasets"]:
+        folder = data_root / spec.get("name", spec["task"])
+        if not (folder / "dataset.json").exists() and not args.dry_run:
+            collect(Collection(spec["task"], spec["frames"], spec.get("action_repeat", 2), spec.get("time_limit"),
+                               spec.get("seed", 0), spec.get("policy"), spec.get("epsilon", 0.0),
+                               spec.get("heldout_every", 5), spec.get("video_dir")), folder, study.get("workers", 2))
+        datasets.append(folder)
+    uri = sqlite_uri(root / "mlflow.db")
+    commands = []
+    for folder in datasets:
+        for objective in objectives:
+            for seed in seeds:
+                commands.append([sys.executable, "-m", "wm.probe", "train", *study.get("train", []),
+                                 "--config", str(OBJECTIVE_CONFIGS / f"{objective}.yaml"), "--data.dataset", str(folder),
+                                 "--seed_everything", str(seed), "--run.name", run_name(folder.name, objective, seed),
+                                 "--run.root", str(root), "--run.experiment", experiment, "--run.tracking_uri", uri,
+                                 "--ckpt_path", "last"])
+    if args.dry_run:
+        print("\n".join(shlex.join(c) for c in commands))
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    create_store(root / "mlflow.db")
+    (root / "logs").mkdir(exist_ok=True)
+    failed = run_locally(commands, args.parallel or study.get("parallel", 1), root / "logs")
+    evaluated = {}
+    for command in commands:
+        name = command[command.index("--run.name") + 1]
+        folder = Path(command[command.index("--data.dataset") + 1])
+        checkpoint = root / name / "checkpoints" / "last.ckpt"
+        if checkpoint.exists():
+            evaluated[name] = run_eval(["--ckpt", str(checkpoint), "--data", str(folder), *study.get("eval", [])])
+    for folder in datasets:
+        common = ["--data", str(folder), "--experiment", experiment, "--root", str(root), *study.get("eval", [])]
+        run_eval([*common, "--anchor", "true"])
+        for seed in seeds:
+            run_eval([*common, "--anchor", "noise", "--seed", str(seed)])
+        for objective in objectives:  # the architecture's floor: one seed each
+            run_eval([*common, "--anchor", "untrained", "--objective", objective, "--seed", str(seeds[0])])
+    summary = {"experiment": experiment, "store": uri, "datasets": [str(d) for d in datasets],
+               "seconds": round(time.perf_counter() - started), "failed": failed}
+    text = json.dumps(summary, indent=1).encode()
+    atomic_write(root / "study.json", lambda f: f.write(text))
+    print(f"study {experiment}: {len(commands)} runs, {len(evaluated)} probed, in {summary['seconds'] / 60:.0f} min; "
+          f"report it with: python -m wm.report --experiment {experiment} --tracking-uri {uri} --out reports/{experiment}")
+
+
+def run_eval(argv: list[str]) -> bool:
+    """`python -m wm.probe eval` in this process; a failure is reported and the study goes on."""
+    print(f"eval {shlex.join(argv)}", flush=True)
+    try:
+        eval_main(argv)
+        return True
+    except Exception as error:  # noqa: BLE001 - one failed probe must not lose the study's others
+        print(f"FAILED: eval {shlex.join(argv)}: {type(error).__name__}: {error}", file=sys.stderr)
+        return False
+

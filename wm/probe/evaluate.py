@@ -1,0 +1,198 @@
+"""`python -m wm.probe eval`: what a world model's latent state holds about the true state.
+
+For any world-model or agent checkpoint (`python -m wm.probe train`, or a fit's) and a probe
+dataset (`wm.probe.dataset`):
+
+1. Observe: the posterior states of every step of both splits, each split filtered as one stream
+   from its first step (episodes reset the state where they start), no augmentation, BatchNorm on
+   its running statistics.
+2. Probe: ridge regression (`wm.probe.ridge`) fitted on the train split from the latent features
+   (`deter` h, `stoch` z flattened, `both` as the heads read them) to each standardised
+   true-state group, scored on the held-out episodes: R² per group, and overall as the mean over
+   groups.
+3. Roll out: from held-out posterior states that have observed at least `observe` steps of their
+   episode, imagine `horizon` steps with the recorded actions and apply the same probes (`both`
+   features) to the imagined states: R² against the horizon (0: the posterior itself), and the
+   squared error of the predicted reward.
+
+Anchors put the numbers in scale: the true state itself as the features (R² 1), an untrained model
+of the same architecture (the floor a random network gives) and Gaussian noise features (R² 0).
+
+Results go to a CSV and a figure, and into the checkpoint's MLflow run: `probe/<group>/r2` (and
+`_deter`, `_stoch`), `probe/overall/r2`, `probe/rollout/<group>/r2` and `probe/rollout/reward_mse`
+with the horizon as the step.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wm.probe.dataset import ProbeDataset
+from wm.probe.ridge import RidgeProbe, fit_ridge, r2_score
+from wm.rssm import State
+from wm.world_model import WorldModel
+
+FEATURES = ("deter", "stoch", "both")
+
+
+def load_world_model(path: str | Path) -> tuple[WorldModel, dict]:
+    """The world model of an agent or offline checkpoint, in evaluation mode, and the checkpoint."""
+    from wm.agent import Agent, rebuild
+    from wm.probe.offline import OfflineWorldModel
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    cls = Agent if "actor_critic" in checkpoint["hyper_parameters"] else OfflineWorldModel
+    return rebuild(cls, checkpoint).world_model.eval(), checkpoint
+
+
+@torch.no_grad()
+def observe(world_model: WorldModel, steps: Mapping[str, torch.Tensor], chunk: int = 256) -> State:
+    """Posterior states (N, ...) of a split's steps, filtered in order as one stream."""
+    state, deters, stochs = None, [], []
+    for start in range(0, len(steps["reward"]), chunk):
+        window = {k: v[start : start + chunk][None] for k, v in steps.items()}
+        embed = world_model.encoder(world_model.encoder.select(window))
+        post, _, _ = world_model.rssm.observe(embed, window["action"], window["is_first"], state)
+        state = State(post.deter[:, -1], post.stoch[:, -1])
+        deters.append(post.deter[0])
+        stochs.append(post.stoch[0])
+    return State(torch.cat(deters), torch.cat(stochs))
+
+
+def features(state: State) -> dict[str, torch.Tensor]:
+    return {"deter": state.deter, "stoch": state.stoch.flatten(1), "both": state.feat}
+
+
+@dataclass
+class ProbeResult:
+    """R² of every (feature set, group) on the held-out split, the probes, and the rollout curves."""
+
+    r2: dict[tuple[str, str], float]
+    probes: dict[tuple[str, str], RidgeProbe]
+    rollout_r2: dict[str, list[float]] = field(default_factory=dict)  # group -> R² at horizon 0..K
+    reward_mse: list[float] = field(default_factory=list)  # at horizon 0..K
+    reward_variance: float = float("nan")  # of the held-out rewards: the error of predicting their mean
+
+    def overall(self, feature: str = "both") -> float:
+        """The mean R² over the groups."""
+        return float(np.nanmean([r2 for (f, _), r2 in self.r2.items() if f == feature]))
+
+
+def fit_probes(train: Mapping[str, torch.Tensor], held_out: Mapping[str, torch.Tensor], dataset: ProbeDataset,
+               names: tuple[str, ...] = FEATURES) -> ProbeResult:
+    """Probes from each of the features `train`/`held_out` hold (name -> (N, F)) to each group."""
+    train_states, held_states = dataset.states("train"), dataset.states("heldout")
+    is_first = dataset.steps("train")["is_first"]
+    r2, probes = {}, {}
+    for name in names:
+        for group in dataset.groups:
+            probe = fit_ridge(train[name], train_states[group], is_first)
+            probes[name, group] = probe
+            r2[name, group] = probe.score(held_out[name], held_states[group])
+    return ProbeResult(r2, probes)
+
+
+def rollout_starts(is_first: torch.Tensor, observe_steps: int, count: int, seed: int) -> torch.Tensor:
+    """Up to `count` steps, drawn at random, whose posterior has seen at least `observe_steps`
+    steps of its episode and that are not the episode's last."""
+    episode = torch.cumsum(is_first.long(), 0)
+    starts = torch.nonzero(is_first).flatten()
+    since = torch.arange(len(is_first)) - starts[episode - 1]
+    last = torch.zeros_like(is_first)
+    last[:-1] = is_first[1:]
+    last[-1] = True
+    candidates = torch.nonzero((since >= observe_steps - 1) & ~last.bool()).flatten()
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
+    return candidates[order[:count]].sort().values
+
+
+@torch.no_grad()
+def roll_out(world_model: WorldModel, steps: Mapping[str, torch.Tensor], posterior: State, result: ProbeResult,
+             dataset: ProbeDataset, observe_steps: int = 5, horizon: int = 15, count: int = 512, seed: int = 0) -> None:
+    """Fill `result`'s rollout curves: imagine from held-out posterior states with the recorded
+    actions, and score the `both` probes and the reward head on the imagined states."""
+    is_first = steps["is_first"]
+    starts = rollout_starts(is_first, observe_steps, count, seed)
+    states = dataset.states("heldout")
+    episode = torch.cumsum(is_first.long(), 0)
+    n = len(is_first)
+    state = State(posterior.deter[starts], posterior.stoch[starts])
+    result.rollout_r2 = {group: [] for group in dataset.groups}
+    result.reward_mse, result.reward_variance = [], float(steps["reward"].double().var())
+    for k in range(horizon + 1):
+        target = (starts + k).clamp(max=n - 1)
+        valid = (starts + k < n) & (episode[target] == episode[starts])  # still in the start's episode
+        if k:
+            state = world_model.rssm.img_step(state, steps["action"][target])
+        if not valid.any():
+            break
+        feat = state.feat[valid]
+        for group in dataset.groups:
+            probe = result.probes["both", group]
+            truth = probe.standardise(states[group][target[valid]])
+            result.rollout_r2[group].append(float(r2_score(truth, probe.predict_standardised(feat))))
+        reward = world_model.predict_reward(feat).flatten().double()
+        result.reward_mse.append(float(((reward - steps["reward"][target[valid]].double()) ** 2).mean()))
+
+
+def probe_world_model(world_model: WorldModel, dataset: ProbeDataset, observe_steps: int = 5, horizon: int = 15,
+                      seed: int = 0) -> ProbeResult:
+    """Observe both splits, fit and score the probes, and roll out (the whole of `wm.probe eval`)."""
+    torch.manual_seed(seed)  # the latents are sampled
+    held_steps = dataset.steps("heldout")
+    train_post, held_post = observe(world_model, dataset.steps("train")), observe(world_model, held_steps)
+    result = fit_probes(features(train_post), features(held_post), dataset)
+    roll_out(world_model, held_steps, held_post, result, dataset, observe_steps, horizon, seed=seed)
+    return result
+
+
+def true_state_features(dataset: ProbeDataset, split: str) -> dict[str, torch.Tensor]:
+    """The anchor at the top: every true-state group, concatenated, as the features."""
+    return {"both": torch.cat(list(dataset.states(split).values()), 1)}
+
+
+def noise_features(dataset: ProbeDataset, split: str, dim: int, seed: int) -> dict[str, torch.Tensor]:
+    """The anchor at the bottom: standard normal features that know nothing."""
+    n = len(dataset.steps(split)["reward"])
+    generator = torch.Generator().manual_seed(seed + (split == "heldout"))
+    return {"both": torch.randn(n, dim, generator=generator)}
+
+
+def rows(result: ProbeResult) -> list[dict]:
+    """The result as CSV rows: one per (features, group), the overall R², then the rollout."""
+    table = [{"kind": "probe", "features": f, "group": g, "horizon": "", "r2": r2,
+              "penalty": result.probes[f, g].penalty, "cv_r2": result.probes[f, g].cv_r2}
+             for (f, g), r2 in result.r2.items()]
+    features_done = sorted({f for f, _ in result.r2})
+    table += [{"kind": "overall", "features": f, "group": "", "horizon": "", "r2": result.overall(f)} for f in features_done]
+    for group, curve in result.rollout_r2.items():
+        table += [{"kind": "rollout", "features": "both", "group": group, "horizon": k, "r2": r2} for k, r2 in enumerate(curve)]
+    table += [{"kind": "reward_mse", "features": "both", "group": "reward", "horizon": k, "r2": "", "mse": mse}
+              for k, mse in enumerate(result.reward_mse)]
+    return table
+
+
+def write_csv(path: Path, result: ProbeResult) -> None:
+    table = rows(result)
+    columns = ["kind", "features", "group", "horizon", "r2", "penalty", "cv_r2", "mse"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows({c: row.get(c, "") for c in columns} for row in table)
+
+
+def metrics(result: ProbeResult) -> dict[str, float]:
+    """The final numbers, as MLflow metric names."""
+    out = {}
+    for (feature, group), r2 in result.r2.items():
+        out[f"probe/{group}/r2" + ("" if feature == "both" else f"_{feature}")] = r2
+    for feature in sorted({f for f, _ in result.r2}):
+        out["probe/overall/r2" + ("" if feature == "both" else f"_{feature}")] = result.overall(feature)
+    return out

@@ -1,0 +1,197 @@
+"""`python -m wm.probe train`: the world model of any objective, trained alone on a probe dataset.
+
+The same `WorldModel.loss` and LaProp optimiser as in a fit, with no actor-critic, imagination,
+replay value or environment, on the train split of a dataset collected once
+(`wm.probe.dataset`): every objective and seed sees exactly the same data, at a fraction of an RL
+run's cost. The held-out split gives the validation loss. Runs, their MLflow runs, checkpoints and
+resumes work as a fit's (wm.run_cli):
+
+    python -m wm.probe train --config configs/probe/train.yaml --config configs/objective/mudreamer.yaml \\
+        --data.dataset data/probe/dmc-cartpole_swingup --seed_everything 1
+
+Deliberate difference from a fit: sequences start from the zero state (no replay context), as
+the latents a fit writes back come from its own, changing, model.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from torch.utils.data import DataLoader, IterableDataset
+
+from wm.agent import rebuild, save_plain_hyperparameters
+from wm.distributions import POLICY_UNIMIX
+from wm.objectives import DEFAULT_OBJECTIVE, Objective, make_objective, objective_name
+from wm.optim import OptimizerConfig, guarded_step
+from wm.probe.dataset import STATE_PREFIX, ProbeDataset
+from wm.run_cli import RunCLI, RunConfig
+from wm.runs import run_name
+from wm.sizes import model_size
+from wm.world_model import WorldModel, WorldModelConfig
+
+
+class OfflineWorldModel(L.LightningModule):
+    """A world model with its objective, and the optimiser a fit gives it (docs/algorithm.md §1).
+
+    Args: as `wm.agent.Agent`'s world-model arguments; `size` defaults to size1M, the CPU studies'.
+    """
+
+    def __init__(
+        self,
+        observation_shapes: Mapping[str, tuple[int, ...]],
+        action_dim: int,
+        discrete: bool = False,
+        objective: Objective | None = None,
+        size: str = "size1M",
+        world_model: WorldModelConfig = WorldModelConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        policy_unimix: float = POLICY_UNIMIX,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        objective = objective if objective is not None else make_objective(DEFAULT_OBJECTIVE)
+        self.optimizer_config = optimizer
+        save_plain_hyperparameters(self, observation_shapes, objective, world_model=world_model, optimizer=optimizer)
+        self.world_model = WorldModel(observation_shapes, action_dim, discrete, model_size(size), objective, world_model,
+                                      policy_unimix)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> OfflineWorldModel:
+        return rebuild(cls, torch.load(path, map_location="cpu", weights_only=True))
+
+    def configure_optimizers(self):
+        return self.optimizer_config.build([p for p in self.parameters() if p.requires_grad])
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        """One world-model update; skipped on the device if its loss or a gradient is not finite."""
+        buffers = [b.clone() for b in self.buffers()]
+        out = self.world_model.loss(batch)
+        taken, _, _ = guarded_step(self, out.loss, buffers)
+        self.world_model.objective.after_update(taken)
+        self.log_dict({f"train/{k}": v.detach().float() for k, v in {"loss": out.loss, **out.terms}.items()},
+                      on_step=True, on_epoch=False)
+        self.log("train/skipped_updates", (~taken).float(), on_step=True, on_epoch=False, reduce_fx="sum")
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        """The loss on held-out episodes, averaged over the validation batches."""
+        out = self.world_model.loss(batch)
+        self.log_dict({f"heldout/{k}": v.float() for k, v in {"loss": out.loss, **out.terms}.items()},
+                      on_step=False, on_epoch=True, batch_size=batch["reward"].shape[0])
+
+
+class Sequences(IterableDataset):
+    """Endless (B, T) batches of a split, sampled uniformly with the data module's generator."""
+
+    def __init__(self, datamodule: ProbeDataModule):
+        self.datamodule = datamodule
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        dm = self.datamodule
+        buffer = dm.dataset.split("train")
+        while True:
+            batch, _ = buffer.sample(dm.batch_size, dm.sequence_length, dm.generator)
+            yield model_inputs(batch)
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch without the true state, which no model may see."""
+    return {k: v for k, v in batch.items() if not k.startswith(STATE_PREFIX)}
+
+
+class ProbeDataModule(L.LightningDataModule):
+    """(B, T) sequences of a probe dataset's train split; fixed ones of its held-out split for the
+    validation loss.
+
+    Args:
+        dataset: folder of a dataset made by `python -m wm.probe collect`.
+        batch_size, sequence_length: B and T.
+        validation_batches: held-out batches per validation, the same ones every time.
+        seed: sampling seed; None: `python -m wm.probe train` derives it from the run's seed.
+    """
+
+    def __init__(self, dataset: str, batch_size: int = 16, sequence_length: int = 32, validation_batches: int = 8,
+                 seed: int | None = None):
+        super().__init__()
+        self.dataset = ProbeDataset(dataset)
+        self.batch_size, self.sequence_length, self.validation_batches = batch_size, sequence_length, validation_batches
+        self.seed = 0 if seed is None else seed
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def spec(self) -> dict:
+        info = self.dataset.info
+        return {"observation_shapes": self.dataset.observation_shapes, "action_dim": info["action_dim"],
+                "discrete": info["discrete"]}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(Sequences(self), batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        held_out = self.dataset.split("heldout")
+        fixed = torch.Generator().manual_seed(self.seed + 1)
+        batches = [model_inputs(held_out.sample(self.batch_size, self.sequence_length, fixed)[0])
+                   for _ in range(self.validation_batches)]
+        return DataLoader(batches, batch_size=None)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+# The checkpoints are meant to hold the state after each update, which is what Lightning warns about.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+class ProbeCLI(RunCLI):
+    """The run machinery of `python -m wm fit` for an offline world model: one run folder and MLflow
+    run per `<dataset>-<objective>-s<seed>`, checkpoints every `run.checkpoint_every` updates, and a
+    resume that refuses a changed config. `trainer.max_steps` is the number of updates, one epoch
+    of them (so the bar has a total and an ETA), with the held-out loss every `val_check_interval`."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("parser_kwargs", {"prog": "python -m wm.probe train"})
+        super().__init__(OfflineWorldModel, ProbeDataModule, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunConfig, "run")
+        for field in ("observation_shapes", "action_dim", "discrete"):
+            parser.link_arguments("data", f"model.{field}", compute_fn=lambda data, f=field: data.spec[f],
+                                  apply_on="instantiate")
+        parser.set_defaults({"trainer.max_steps": 2000, "trainer.log_every_n_steps": 25, "trainer.val_check_interval": 250,
+                             "run.checkpoint_every": 500, "model.size": "size1M"})
+
+    def default_run_name(self, config) -> str:
+        objective = config.model.objective
+        short = objective_name(objective.class_path if objective else None, config.run.variant)
+        return run_name(Path(config.data.dataset).name, short, config.seed_everything)
+
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config[self.subcommand].trainer
+        trainer.max_epochs, trainer.limit_train_batches = 1, trainer.max_steps  # the updates as one epoch
+        super().before_instantiate_classes()
+
+    def fit_callbacks(self, config, run_dir: Path, uri: str) -> list:
+        return [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="updates={step}", save_last=True,
+                                save_top_k=-1, every_n_train_steps=config.run.checkpoint_every)]
+
+
+def main(args: list[str]) -> None:
+    """`python -m wm.probe train ARGS`: a fit of ProbeCLI (its only subcommand)."""
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads `args` only (and says so when argv has more)
+    try:
+        ProbeCLI(args=["fit", *args])
+    finally:
+        sys.argv = argv

@@ -1,0 +1,240 @@
+"""The report of a probe study (`python -m wm.probe study`), written by `python -m wm.report`.
+
+Reads every probed run and anchor of the experiment and writes, per dataset: the held-out R² of
+the linear probe per state group and objective, with the anchors beside them; the R² of each
+feature set (h, z, both); the open-loop R² and reward error against the imagination horizon; the
+final held-out world-model loss. Values are means over seeds with 95% bootstrap intervals over
+seeds (rliable's, one task: resampling the seeds), which three seeds make coarse. Figures:
+`probe_<dataset>.png` (R² by group, R² against horizon).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from mlflow import MlflowClient
+from rliable import library as rly
+from rliable import metrics as rly_metrics
+
+from wm.inspection import new_figure
+from wm.objectives import objective_name
+from wm.probe.figures import R2_FLOOR
+
+ANCHOR_ORDER = ("anchor_true", "anchor_untrained", "anchor_noise")
+HORIZONS = (0, 1, 5, 10, 15)
+
+
+@dataclass
+class ProbedRun:
+    """One probed run (or anchor): its cell, seed and numbers."""
+
+    name: str
+    dataset: str
+    cell: str  # the objective (or ablation) name, or the anchor's variant
+    seed: int
+    r2: dict[str, float]  # "<group>" / "<group>_deter" / "overall_stoch" ... -> R²
+    rollout: dict[str, np.ndarray] = field(default_factory=dict)  # group -> R² at horizon 0..K
+    reward_mse: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    heldout_loss: float = float("nan")
+    minutes: float = float("nan")  # the run's wall time
+
+    @property
+    def anchor(self) -> bool:
+        return self.cell.startswith("anchor_")
+
+
+def is_probe_experiment(client: MlflowClient, experiment_id: str) -> bool:
+    runs = client.search_runs([experiment_id], filter_string="metrics.`probe/overall/r2` > -1e12", max_results=1)
+    return bool(runs)
+
+
+def load_probed_runs(client: MlflowClient, experiment_id: str, skip_tag: str) -> list[ProbedRun]:
+    found = []
+    for run in client.search_runs([experiment_id], max_results=50_000):
+        metrics, params = run.data.metrics, run.data.params
+        if skip_tag in run.data.tags or "probe/overall/r2" not in metrics:
+            continue
+        dataset = Path(params.get("data.dataset", "?")).name
+        if "anchor" in params:
+            cell = params["run.variant"]
+        else:
+            cell = objective_name(params.get("model.objective.class_path"), params.get("run.variant"))
+        r2 = {key.removeprefix("probe/").replace("/r2", ""): value for key, value in metrics.items()
+              if key.startswith("probe/") and not key.startswith("probe/rollout/")}
+        rollout = {}
+        for key in metrics:
+            if key.startswith("probe/rollout/") and key.endswith("/r2"):
+                points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+                rollout[key.removeprefix("probe/rollout/").removesuffix("/r2")] = np.array([v for _, v in points])
+        reward = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "probe/rollout/reward_mse"))
+        minutes = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 60000 if "anchor" not in params else np.nan
+        found.append(ProbedRun(run.info.run_name, dataset, cell, int(params.get("seed_everything", 0)), r2, rollout,
+                               np.array([v for _, v in reward]), metrics.get("heldout/loss", float("nan")), minutes))
+    return sorted(found, key=lambda r: (r.dataset, r.anchor, r.cell, r.seed))
+
+
+def interval(values: list[float], reps: int, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds and its 95% bootstrap interval (the mean itself for one seed)."""
+    values = np.asarray([v for v in values if np.isfinite(v)], float)
+    if len(values) == 0:
+        return (np.nan, np.nan, np.nan)
+    if len(values) == 1:
+        return (float(values[0]),) * 3
+    points, ranges = rly.get_interval_estimates({"x": values[:, None]}, lambda s: np.array([rly_metrics.aggregate_mean(s)]),
+                                                reps=reps, random_state=np.random.RandomState(seed))
+    return float(points["x"][0]), float(ranges["x"][0, 0]), float(ranges["x"][1, 0])
+
+
+def cell_order(cells: set[str]) -> list[str]:
+    objectives = sorted(c for c in cells if not c.startswith("anchor_"))
+    anchors = sorted((c for c in cells if c.startswith("anchor_")),
+                     key=lambda c: (next(i for i, a in enumerate(ANCHOR_ORDER) if c.startswith(a)), c))
+    return objectives + anchors
+
+
+def fmt(point: tuple[float, float, float], digits: int = 2) -> str:
+    mean, low, high = point
+    if not np.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f}" if low == high else f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+@dataclass
+class ProbeReport:
+    experiment: str
+    command: str
+    runs: list[ProbedRun]
+    rows: list[dict]
+    reps: int
+    run_id: str | None = None
+
+    def markdown(self, level: int = 1, folder: str = "") -> str:
+        top, sub = "#" * level, "#" * (level + 1)
+        lines = [f"{top} Probe report: experiment `{self.experiment}`", "",
+                 f"{sum(not r.anchor for r in self.runs)} probed runs and {sum(r.anchor for r in self.runs)} anchors, "
+                 f"made by `{self.command}`. Mean over seeds [95% bootstrap interval over seeds, {self.reps} resamples]; "
+                 "R² on the held-out episodes, of a ridge probe fitted on the train episodes; overall: the mean over "
+                 "the groups. Anchors: the true state as the features (the top), an untrained model of each objective "
+                 "(what a random network of that architecture holds), Gaussian noise features (the bottom).", ""]
+        for dataset in sorted({r.dataset for r in self.runs}):
+            rows = [row for row in self.rows if row["dataset"] == dataset]
+            groups = [g for g in rows[0]["groups"]]
+            lines += [f"{sub} {dataset}", "",
+                      "Held-out R² of the linear probe from the latent state (h and z) to each true-state group:", "",
+                      "| objective | seeds | " + " | ".join(groups) + " | overall |",
+                      "| --- | --- |" + " --- |" * (len(groups) + 1)]
+            lines += [f"| {row['cell']} | {row['seeds']} | " + " | ".join(fmt(row['r2'][g]) for g in groups)
+                      + f" | **{fmt(row['r2']['overall'])}** |" for row in rows]
+            trained = [row for row in rows if not row["cell"].startswith("anchor_")]
+            lines += ["", "Overall R² from h alone, z alone and both; open-loop R² (mean over the groups) of imagined "
+                      "states after k steps with the recorded actions (k = 0: the posterior at the rollouts' starts), "
+                      "the reward's squared error, and the final held-out world-model loss:", "",
+                      "| objective | h | z | both | " + " | ".join(f"imagined k={k}" for k in HORIZONS)
+                      + " | reward error k=1 | reward error k=15 | held-out loss | minutes per run |",
+                      "| --- |" + " --- |" * (3 + len(HORIZONS) + 4)]
+            for row in trained:
+                lines.append(f"| {row['cell']} | {fmt(row['r2']['overall_deter'])} | {fmt(row['r2']['overall_stoch'])} | "
+                             f"{fmt(row['r2']['overall'])} | " + " | ".join(fmt(row['horizon'].get(k, (np.nan,) * 3))
+                                                                              for k in HORIZONS)
+                             + f" | {fmt(row['reward'].get(1, (np.nan,) * 3), 3)} | {fmt(row['reward'].get(15, (np.nan,) * 3), 3)}"
+                             f" | {fmt(row['heldout_loss'], 1)} | {fmt(row['minutes'], 1)} |")
+            lines += ["", f"![probe of {dataset}]({folder}probe_{dataset}.png)", ""]
+        return "\n".join(lines)
+
+
+def overall_curve(run: ProbedRun) -> np.ndarray:
+    """A run's open-loop R², the mean over its groups, at each horizon all groups reach."""
+    length = min(len(curve) for curve in run.rollout.values())
+    return np.mean([curve[:length] for curve in run.rollout.values()], 0)
+
+
+def summarise(runs: list[ProbedRun], reps: int) -> list[dict]:
+    """Per dataset and cell: mean and interval over seeds of every number the report shows."""
+    rows = []
+    for dataset in sorted({r.dataset for r in runs}):
+        here = [r for r in runs if r.dataset == dataset]
+        groups = sorted({k for r in here for k in r.r2 if k != "overall" and not k.endswith(("_deter", "_stoch"))})
+        for cell in cell_order({r.cell for r in here}):
+            seeds = [r for r in here if r.cell == cell]
+            keys = [*groups, "overall", "overall_deter", "overall_stoch"]
+            curves = [overall_curve(r) for r in seeds if r.rollout]
+            horizon = {k: interval([c[k] for c in curves if len(c) > k], reps) for k in HORIZONS
+                       if any(len(c) > k for c in curves)}
+            rows.append({
+                "dataset": dataset, "cell": cell, "seeds": len(seeds), "groups": groups,
+                "r2": {key: interval([r.r2.get(key, np.nan) for r in seeds], reps) for key in keys},
+                "horizon": horizon,
+                "reward": {k: interval([r.reward_mse[k] for r in seeds if len(r.reward_mse) > k], reps) for k in (1, 15)},
+                "heldout_loss": interval([r.heldout_loss for r in seeds], reps),
+                "minutes": interval([r.minutes for r in seeds], reps),
+            })
+    return rows
+
+
+def plot(rows: list[dict], runs: list[ProbedRun], dataset: str, path: Path) -> None:
+    """R² per group for each cell (bars with the seed interval), and overall R² against horizon."""
+    here = [row for row in rows if row["dataset"] == dataset]
+    groups = [*here[0]["groups"], "overall"]
+    fig = new_figure(14, 4.6)
+    bars, curves = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
+    width = 0.85 / len(here)
+    colours = colormaps["tab10"]
+    for i, row in enumerate(here):
+        means = np.array([max(row["r2"][g][0], R2_FLOOR) for g in groups])
+        low = np.clip(means - np.array([max(row["r2"][g][1], R2_FLOOR) for g in groups]), 0, None)
+        high = np.clip(np.array([max(row["r2"][g][2], R2_FLOOR) for g in groups]) - means, 0, None)
+        anchor = row["cell"].startswith("anchor_")
+        bars.bar(np.arange(len(groups)) + (i - (len(here) - 1) / 2) * width, means, width, yerr=(low, high),
+                 label=row["cell"], color=colours(i % 10), alpha=0.45 if anchor else 0.95, hatch="//" if anchor else None,
+                 error_kw={"lw": 0.8})
+    bars.set_xticks(np.arange(len(groups)), groups, rotation=25, ha="right")
+    bars.set(ylim=(R2_FLOOR, 1.05), ylabel="held-out R² (mean over seeds)", title=f"{dataset}: linear probe by state group")
+    bars.axhline(0, color="grey", lw=0.8)
+    bars.legend(fontsize=7, ncol=2)
+    for i, row in enumerate(here):
+        if row["cell"].startswith("anchor_") or not row["horizon"]:
+            continue
+        per_seed = [overall_curve(r) for r in runs if r.dataset == dataset and r.cell == row["cell"]]
+        for curve in per_seed:  # one thin line per seed under the mean
+            curves.plot(np.arange(len(curve)), np.maximum(curve, R2_FLOOR), color=colours(i % 10), lw=0.6, alpha=0.5)
+        length = min(len(curve) for curve in per_seed)
+        mean = np.mean([curve[:length] for curve in per_seed], 0)
+        curves.plot(np.arange(length), np.maximum(mean, R2_FLOOR), color=colours(i % 10), lw=2, label=row["cell"])
+    curves.set(ylim=(R2_FLOOR, 1.05), xlabel="imagined steps (0: the posterior)", ylabel="R² (mean over groups)",
+               title="open loop: the probe on imagined states")
+    curves.axhline(0, color="grey", lw=0.8)
+    curves.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    flat = []
+    for row in rows:
+        for key, (mean, low, high) in row["r2"].items():
+            flat.append({"dataset": row["dataset"], "objective": row["cell"], "seeds": row["seeds"], "quantity": f"r2/{key}",
+                         "mean": mean, "ci_low": low, "ci_high": high})
+        for k, (mean, low, high) in row["horizon"].items():
+            flat.append({"dataset": row["dataset"], "objective": row["cell"], "seeds": row["seeds"],
+                         "quantity": f"r2_imagined/k={k}", "mean": mean, "ci_low": low, "ci_high": high})
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(flat[0]))
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def make_probe_report(client: MlflowClient, experiment_id: str, experiment: str, out: Path, reps: int, command: str,
+                      skip_tag: str) -> ProbeReport:
+    runs = load_probed_runs(client, experiment_id, skip_tag)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarise(runs, reps)
+    for dataset in sorted({r.dataset for r in runs}):
+        plot(rows, runs, dataset, out / f"probe_{dataset}.png")
+    write_rows(out / "probe.csv", rows)
+    report = ProbeReport(experiment, command, runs, rows, reps)
+    (out / "report.md").write_text(report.markdown())
+    return report
