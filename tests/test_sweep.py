@@ -76,6 +76,8 @@ def test_gpu_hours_scale_the_published_wall_clock_by_update_count():
     assert expected_gpu_hours(dmc, "reconstruction") == pytest.approx(7.0)
     assert expected_gpu_hours(dmc, "mudreamer") == pytest.approx(4.4)
     assert expected_gpu_hours(dmc, "barlow_b8") == pytest.approx(8.8)  # B = 8: twice the updates
+    assert expected_gpu_hours(dmc, "dreamerpro") == pytest.approx(10.4)  # its own published time
+    assert expected_gpu_hours(dmc, "infonce") == pytest.approx(4.4)
     # Atari 100k: 400k frames / action repeat 4 * train ratio 128 / 1024 = 12,500 updates
     assert expected_gpu_hours(REPO / "configs/atari100k.yaml", "barlow") == pytest.approx(4.4 * 12_500 / 250_000)
     assert expected_gpu_hours(REPO / "configs/cpu/toy.yaml", "barlow") is None  # size1M: no published figure
@@ -89,8 +91,11 @@ def test_paper_presets_are_one_command_with_their_gpu_hours(preset, capsys):
     tasks = sorted({c.split("--env.task ")[1].split()[0] for c in commands})
     objectives = {Path(c.split(" --config ")[2].split()[0]).stem for c in commands}
     seeds = {c.split("--seed_everything ")[1].split()[0] for c in commands}
-    assert objectives == {"barlow", "reconstruction", "mudreamer", "none", "barlow_augment", "barlow_b8"}
-    assert seeds == {"0", "1", "2", "3", "4"} and len(commands) == len(tasks) * 6 * 5
+    papers = {"barlow", "reconstruction", "mudreamer", "none", "barlow_augment", "barlow_b8"}
+    # both papers ran DreamerPro on DMC, DMC-Subtle and the moving backgrounds
+    expected = papers | {"dreamerpro"} if preset.stem in ("dmc", "dmc_subtle", "dmc_distracting") else papers
+    assert objectives == expected
+    assert seeds == {"0", "1", "2", "3", "4"} and len(commands) == len(tasks) * len(expected) * 5
     expected_tasks = {
         "dmc": sorted(f"dmc-{t}" for t in DMC20),
         "dmc_subtle": available_tasks(["dmc_subtle"]),

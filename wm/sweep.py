@@ -44,10 +44,10 @@ from wm.runs import overrides_tag, run_name
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVE_CONFIGS = REPO / "configs" / "objective"
 PRESET_KEYS = ("config", "tasks", "objectives", "seeds")
-# R2-Dreamer's Table 1: 1M env steps of DMC walker-walk on one RTX 3080 Ti took 4.4 h for R2-Dreamer and
-# 7.0 h for its PyTorch DreamerV3 (with the decoder). That run is 250,000 size12M updates:
+# R2-Dreamer's Table 1: 1M env steps of DMC walker-walk on one RTX 3080 Ti took 4.4 h for R2-Dreamer,
+# 7.0 h for its PyTorch DreamerV3 (with the decoder) and 10.4 h for DreamerPro. That run is 250,000 size12M updates:
 # 1M frames / action repeat 2 * train ratio 512 / (B 16 * T 64).
-PUBLISHED_GPU_HOURS = {"barlow": 4.4, "reconstruction": 7.0}
+PUBLISHED_GPU_HOURS = {"barlow": 4.4, "reconstruction": 7.0, "dreamerpro": 10.4}
 PUBLISHED_UPDATES = 250_000
 PUBLISHED_SIZE = "size12M"
 
@@ -73,7 +73,8 @@ def expected_gpu_hours(config: Path, objective: str) -> float | None:
     """One run's hours on an RTX 3080 Ti, scaled from the published wall-clock by its update count, or
     None for a model size other than the published one.
 
-    Decoder-free objectives take R2-Dreamer's time per update, reconstruction DreamerV3's; env
+    Reconstruction takes DreamerV3's time per update, DreamerPro its own, every other objective
+    R2-Dreamer's (InfoNCE's projector costs what Barlow's does); env
     stepping is assumed to cost per update what it did in the published run, and an update of a
     smaller batch as much as a full one (an upper bound). A planning estimate.
     """
@@ -83,8 +84,8 @@ def expected_gpu_hours(config: Path, objective: str) -> float | None:
         return None
     updates = update_count(env["total_steps"], env["action_repeat"], env["train_ratio"], batch["batch_size"],
                            batch["sequence_length"])
-    decoder = objective_name(model["objective"]["class_path"]) == "reconstruction"
-    return updates * PUBLISHED_GPU_HOURS["reconstruction" if decoder else "barlow"] / PUBLISHED_UPDATES
+    method = objective_name(model["objective"]["class_path"])
+    return updates * PUBLISHED_GPU_HOURS.get(method, PUBLISHED_GPU_HOURS["barlow"]) / PUBLISHED_UPDATES
 
 
 def read_preset(path: Path) -> dict:

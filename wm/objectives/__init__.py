@@ -6,11 +6,14 @@ A new objective is one new file with a subclass of `Objective`.
 
 from wm.objectives.barlow import Barlow
 from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
+from wm.objectives.dreamerpro import DreamerPro
+from wm.objectives.infonce import InfoNCE
 from wm.objectives.mudreamer import MuDreamer
 from wm.objectives.none import NoObjective
 from wm.objectives.reconstruction import Reconstruction
 
-OBJECTIVES = {"barlow": Barlow, "reconstruction": Reconstruction, "mudreamer": MuDreamer, "none": NoObjective}
+OBJECTIVES = {"barlow": Barlow, "reconstruction": Reconstruction, "mudreamer": MuDreamer, "none": NoObjective,
+              "infonce": InfoNCE, "dreamerpro": DreamerPro}
 DEFAULT_OBJECTIVE = "barlow"  # R2-Dreamer's; used when a config or an Agent names none
 
 
@@ -27,11 +30,12 @@ def objective_name(class_path: str | None, variant: str | None = None) -> str:
 
 
 def make_objective(name: str, **kwargs) -> Objective:
-    """Objective by its short name (barlow, reconstruction, mudreamer, none)."""
+    """Objective by its short name (barlow, reconstruction, mudreamer, none, infonce, dreamerpro)."""
     try:
         return OBJECTIVES[name](**kwargs)
     except KeyError:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}") from None
 
 
-__all__ = ["Barlow", "DEFAULT_OBJECTIVE", "ModelDims", "MuDreamer", "NoObjective", "OBJECTIVES", "Objective", "ObjectiveInputs", "Reconstruction", "make_objective", "objective_name"]
+__all__ = ["Barlow", "DEFAULT_OBJECTIVE", "DreamerPro", "InfoNCE", "ModelDims", "MuDreamer", "NoObjective", "OBJECTIVES",
+           "Objective", "ObjectiveInputs", "Reconstruction", "make_objective", "objective_name"]

@@ -1,0 +1,139 @@
+"""DreamerPro (Deng et al., 2022): prototypical representations instead of reconstruction.
+
+Both papers compare against it (R2-Dreamer's main table and augmentation ablation, MuDreamer's
+natural-background table). Every batch is augmented twice, the two views observed through the
+encoder and the RSSM as one batch of 2B sequences, and a SwAV-style clustering ties them together:
+
+- projections: the embedding through `obs_proj` (embed -> 32), the latent feature through
+  `feat_proj` (feat -> 32), both L2-normalised; scores are dot products with 2,500 L2-normalised
+  prototypes, over the temperature 0.1, a softmax over the prototypes;
+- targets: an EMA copy of the encoder and `obs_proj` (fraction 0.05 every update) scores each
+  view, and Sinkhorn-Knopp (epsilon 0.05, 3 iterations) turns those scores into assignments;
+- `swav`: each view's observation logits predict the other view's assignments; `temp`: the latent
+  feature's logits predict the assignments of its own step and view; `norm`: the squared deviation
+  of both projections' norms from 1. Scale 1 each; the first step of every sequence is left out
+  (warm-up 1); the prototypes are frozen for the first 10,000 updates.
+
+The KL weights are the shared core's, DreamerV3's (docs/algorithm.md §2 says why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from wm.nets import Linear
+from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
+from wm.returns import ema_update_, frozen_copy
+
+
+def sequence_shift(images: torch.Tensor, max_shift: float = 3.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, T, H, W, C) images, each sequence translated by one random (dx, dy) in [-max_shift,
+    max_shift] pixels, the same for all its steps; bilinear, the border repeated. Float32 in
+    0..255 (the encoder's scale), so the sub-pixel shift survives."""
+    batch, length, height, width, channels = images.shape
+    shift = (torch.rand(batch, 2, generator=generator, device=images.device) * 2 - 1) * max_shift  # pixels (x, y)
+    x = images.reshape(batch * length, height, width, channels).permute(0, 3, 1, 2).float()
+    theta = torch.zeros(batch, 2, 3, device=images.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = shift[:, 0] * 2 / width  # grid_sample's coordinates span [-1, 1] over the image
+    theta[:, 1, 2] = shift[:, 1] * 2 / height
+    grid = F.affine_grid(theta.repeat_interleave(length, 0), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(batch, length, height, width, channels)
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp assignments (N, K) of N samples to K prototypes from their scores (N, K):
+    an equal share of the samples for every prototype, each sample's assignments summing to 1."""
+    scores = scores.float()
+    q = torch.exp((scores - scores.max()) / epsilon).T  # (K, N)
+    q = q / q.sum()
+    prototypes, samples = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(1, keepdim=True) / prototypes
+        q = q / q.sum(0, keepdim=True) / samples
+    return (q * samples).T
+
+
+def cross_entropy(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """-sum_k targets log softmax(logits), averaged over the samples (rows)."""
+    return -(targets * F.log_softmax(logits.float(), -1)).sum(-1).mean()
+
+
+class DreamerPro(Objective):
+    """Prototypical representations with two augmented views (see the module's docstring)."""
+
+    def __init__(
+        self,
+        num_prototypes: int = 2500,
+        dim: int = 32,
+        temperature: float = 0.1,
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        target_rate: float = 0.05,
+        freeze_prototypes: int = 10_000,
+        max_shift: float = 3.0,
+        warmup: int = 1,
+        swav_scale: float = 1.0,
+        temp_scale: float = 1.0,
+        norm_scale: float = 1.0,
+        probe_decoder: bool = False,
+    ):
+        super().__init__(augment=False, probe_decoder=probe_decoder)  # it augments its own two views
+        self.num_prototypes, self.dim, self.temperature = num_prototypes, dim, temperature
+        self.sinkhorn_epsilon, self.sinkhorn_iterations = sinkhorn_epsilon, sinkhorn_iterations
+        self.target_rate, self.freeze_prototypes, self.max_shift, self.warmup = target_rate, freeze_prototypes, max_shift, warmup
+        self.swav_scale, self.temp_scale, self.norm_scale = swav_scale, temp_scale, norm_scale
+        self.scales = {"swav": swav_scale, "temp": temp_scale, "norm": norm_scale}
+
+    def build(self, dims: ModelDims) -> None:
+        if self.online_encoder is None:
+            raise ValueError("DreamerPro keeps an EMA copy of the world model's encoder: attach it with the encoder")
+        self.obs_proj = Linear(dims.embed_dim, self.dim)
+        self.feat_proj = Linear(dims.feat_dim, self.dim)
+        self.prototypes = nn.Linear(self.dim, self.num_prototypes, bias=False)  # its rows are the prototypes
+        self.target_encoder = frozen_copy(self.online_encoder)
+        self.target_obs_proj = frozen_copy(self.obs_proj)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.float32))  # taken updates, for the freeze
+
+    def encoder_input(self, obs: Mapping[str, torch.Tensor], image_keys: list[str]) -> Mapping[str, torch.Tensor]:
+        """Two views of every sequence, each with its own shift: (2B, T, ...); vectors repeated."""
+        views = [{k: sequence_shift(v, self.max_shift) if k in image_keys else v for k, v in obs.items()} for _ in range(2)]
+        return {k: torch.cat([views[0][k], views[1][k]]) for k in obs}
+
+    def unit_prototypes(self) -> torch.Tensor:
+        """The L2-normalised prototypes (K, dim); no gradient reaches them while they are frozen
+        (decided on the device: the weight counts only once `freeze_prototypes` updates are taken)."""
+        weight = self.prototypes.weight
+        trainable = (self.updates >= self.freeze_prototypes).to(weight.dtype)
+        return F.normalize(weight.detach() + trainable * (weight - weight.detach()), dim=-1)
+
+    def forward(self, inputs: ObjectiveInputs) -> dict[str, torch.Tensor]:
+        prototypes = self.unit_prototypes()
+        start = self.warmup
+        obs_raw = self.obs_proj(inputs.embed[:, start:])  # (2B, T - warmup, dim)
+        feat_raw = self.feat_proj(inputs.posterior.feat[:, start:])
+        obs_logits = F.normalize(obs_raw.float(), dim=-1) @ prototypes.float().T / self.temperature
+        feat_logits = F.normalize(feat_raw.float(), dim=-1) @ prototypes.float().T / self.temperature
+        with torch.no_grad():
+            target = self.target_obs_proj(self.target_encoder(inputs.seen)[:, start:])
+            target_scores = F.normalize(target.float(), dim=-1) @ prototypes.float().T
+        half = inputs.embed.shape[0] // 2
+        assign = [sinkhorn(target_scores[i * half:(i + 1) * half].reshape(-1, self.num_prototypes),
+                           self.sinkhorn_epsilon, self.sinkhorn_iterations) for i in range(2)]
+        obs_views = [obs_logits[i * half:(i + 1) * half].reshape(-1, self.num_prototypes) for i in range(2)]
+        feat_views = [feat_logits[i * half:(i + 1) * half].reshape(-1, self.num_prototypes) for i in range(2)]
+        swav = 0.5 * (cross_entropy(assign[1], obs_views[0]) + cross_entropy(assign[0], obs_views[1]))
+        temp = 0.5 * (cross_entropy(assign[0], feat_views[0]) + cross_entropy(assign[1], feat_views[1]))
+        norm = (obs_raw.float().norm(dim=-1) - 1).square().mean() + (feat_raw.float().norm(dim=-1) - 1).square().mean()
+        return {"swav": swav, "temp": temp, "norm": norm}
+
+    def after_update(self, taken: torch.Tensor) -> None:
+        ema_update_(self.target_encoder, self.online_encoder, self.target_rate, taken)
+        ema_update_(self.target_obs_proj, self.obs_proj, self.target_rate, taken)
+        self.updates += taken.to(self.updates.dtype)
