@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from tests.test_losses import tiny_agent, tiny_batch, trainer
 from wm.agent import Agent
-from wm.bench import RepeatBatch
+from wm.bench.update import RepeatBatch
 from wm.objectives import Barlow, MuDreamer, NoObjective, ObjectiveInputs, Reconstruction
 from wm.optim import OptimizerConfig
 from wm.synthetic import random_batch

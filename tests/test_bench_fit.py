@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import wm.profiling
-from wm import bench
+from wm.bench.fit import main as bench_fit
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ("env stepping", "acting", "updates", "replay", "evaluation", "logging", "checkpointing", "other")
@@ -31,8 +31,8 @@ def test_fit_benchmark_reports_shares_that_add_up(tmp_path, monkeypatch, capsys,
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    bench.main([
-        "fit", "--config", str(REPO / "configs/quickstart.yaml"), "--seconds", "3", "--threads", "1",
+    bench_fit([
+        "--config", str(REPO / "configs/quickstart.yaml"), "--seconds", "3", "--threads", "1",
         # overrides pass through to the fit: a small batch, a short prefill, a periodic checkpoint
         # and an evaluation within the few seconds measured
         "--data.batch_size", "4", "--data.sequence_length", "8", "--env.prefill", "64",
@@ -40,6 +40,7 @@ def test_fit_benchmark_reports_shares_that_add_up(tmp_path, monkeypatch, capsys,
     ])
     out = capsys.readouterr().out
     assert re.search(r"^fit benchmark: toy-catch  size1M  1 envs  B=4 T=8 .* replay on cpu", out, re.M), out
+    assert re.search(r"^env start: [\d.]+ s for 1 env \(in this process\)$", out, re.M), out
     measured = re.search(r"^measured: ([\d.]+) s, (\d+) env frames, (\d+) updates$", out, re.M)
     seconds, frames, updates = float(measured[1]), int(measured[2]), int(measured[3])
     assert seconds >= 3 and frames > 0 and updates > 0

@@ -7,7 +7,7 @@ import re
 import torch
 
 import wm.validation
-from wm import bench
+from wm.bench.update import main as bench_update
 
 
 def test_bf16_on_a_cpu_without_native_bfloat16_is_measured_in_float32_and_said(monkeypatch, capsys):
@@ -16,7 +16,7 @@ def test_bf16_on_a_cpu_without_native_bfloat16_is_measured_in_float32_and_said(m
     monkeypatch.setattr(wm.validation, "native_bf16", lambda device: False)
     threads = torch.get_num_threads()
     try:
-        bench.main(["update", "--size", "size1M", "--batch", "2", "--length", "4", "--updates", "1", "--warmup", "1",
+        bench_update(["update", "--size", "size1M", "--batch", "2", "--length", "4", "--updates", "1", "--warmup", "1",
                     "--precision", "bf16", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)

@@ -24,7 +24,7 @@ from tests.test_training import TINY as TINY_FIT
 from tests.test_training import client_for
 from wm.actor_critic import ActorCriticConfig
 from wm.agent import Agent
-from wm.bench import RepeatBatch
+from wm.bench.update import RepeatBatch
 from wm.cli import main
 from wm.objectives import OBJECTIVES, make_objective
 from wm.profiling import HOST_SYNC_OPS, ProfileBatch, count_ops

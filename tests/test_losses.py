@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tests.test_math import np_barlow, np_bins, np_kl, np_lambda_return, np_log_softmax, np_softmax, np_two_hot
 from wm.actor_critic import ActorCritic, ActorCriticConfig
 from wm.agent import Agent
-from wm.bench import RepeatBatch
+from wm.bench.update import RepeatBatch
 from wm.objectives import (
     DEFAULT_OBJECTIVE,
     OBJECTIVES,

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from wm.agent import Agent, NonFiniteLossError
-from wm.bench import RepeatBatch
+from wm.bench.update import RepeatBatch
 from wm.objectives import Barlow, MuDreamer
 from wm.optim import OptimizerConfig
 from wm.synthetic import random_batch

@@ -1,10 +1,14 @@
-"""`python -m wm fit --config configs/dmc.yaml`: see wm/cli.py."""
+"""`python -m wm fit --config configs/dmc.yaml`: see wm/cli.py.
+
+Nothing heavy is imported unless this runs as the program: env worker processes import the main
+module (as `__mp_main__`), and must not load torch and Lightning for it.
+"""
 
 import sys
 
-from wm.cli import REFUSALS, main
-
 if __name__ == "__main__":
+    from wm.cli import REFUSALS, main
+
     try:
         main()
     except REFUSALS as refusal:  # the message says what is wrong and how to fix it; no traceback

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import multiprocessing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,7 +178,8 @@ def make_vector_env(
     failing the run. SAME_STEP gives a plain gymnasium vector env, as RestartingVectorEnv has no
     SAME_STEP mode.
     Simulator workers start by forkserver, as a forked copy of a process holding a GL context is
-    unsafe; the numpy toy tasks fork.
+    unsafe, from a server that has loaded `wm.envs` and nothing of the trainer; the numpy toy
+    tasks fork. A RestartingVectorEnv starts its workers side by side.
     """
     env_fns = [
         functools.partial(
@@ -194,6 +196,10 @@ def make_vector_env(
     ]
     asynchronous = asynchronous and num_envs > 1
     context = "fork" if task.startswith("toy-") else "forkserver"
+    if asynchronous and context == "forkserver":
+        # The fork server preloads only the envs: its default, the main module (`python -m wm`),
+        # would give every worker a copy of the trainer's torch and Lightning too.
+        multiprocessing.set_forkserver_preload(["wm.envs"])
     if autoreset_mode == AutoresetMode.NEXT_STEP:
         return RestartingVectorEnv(env_fns, name=task, asynchronous=asynchronous, context=context, seed=seed)
     if not asynchronous:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import gymnasium as gym
 import numpy as np
@@ -101,7 +103,7 @@ class RestartingVectorEnv(gym.vector.VectorEnv):
         self.restarts, self.slot_restarts = 0, [0] * self.num_envs
         self.failures = [0] * self.num_envs  # failures of each env since its last successful step
         self.last_error: str | None = None
-        self.slots = [self._make_slot(i) for i in range(self.num_envs)]
+        self.slots = self._make_slots()
         first = self.slots[0]
         self.single_observation_space, self.single_action_space = first.single_observation_space, first.single_action_space
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
@@ -111,6 +113,23 @@ class RestartingVectorEnv(gym.vector.VectorEnv):
         self.observations: list = [None] * self.num_envs  # the last observation of each env
         self.ended = np.zeros(self.num_envs, bool)  # whose last step ended its episode
         self.pending: list[tuple | None] = [None] * self.num_envs  # a restarted env's (first obs, info)
+
+    def _make_slots(self) -> list[gym.vector.VectorEnv]:
+        """Every env's slot. Worker slots start side by side: each constructor waits for its worker
+        to build the env (a DMC env: seconds of simulator and renderer start-up), so threads let
+        the workers build theirs at the same time. If one fails, the others are closed."""
+        forks = (self.context or multiprocessing.get_start_method()) == "fork"  # forking from threads can deadlock
+        if not self.asynchronous or self.num_envs == 1 or forks:
+            return [self._make_slot(i) for i in range(self.num_envs)]
+        with ThreadPoolExecutor(self.num_envs) as pool:
+            futures = [pool.submit(self._make_slot, i) for i in range(self.num_envs)]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            for future in futures:
+                if future.exception() is None:
+                    _discard(future.result())
+            raise errors[0]
+        return [f.result() for f in futures]
 
     def _make_slot(self, i: int) -> gym.vector.VectorEnv:
         if self.asynchronous:

@@ -118,6 +118,17 @@ def log_result(uri: str, run_id: str, result: evaluate.ProbeResult, files: list[
         client.log_artifact(run_id, str(path), "probe")
 
 
+def distinct_cores(objectives: list[str]) -> list[str]:
+    """The first of the objectives of each distinct core (encoder and posterior norms): an
+    untrained model is probed before any objective's network has acted, so objectives that build
+    the same core have the same untrained anchor (and the same weights, seed for seed)."""
+    first: dict[tuple[str, str], str] = {}
+    for name in objectives:
+        objective = objective_module(name)
+        first.setdefault((objective.encoder_norm, objective.posterior_norm), name)
+    return list(first.values())
+
+
 def anchor_variant(args) -> str:
     """`anchor_<kind>`, `anchor_untrained_<objective>`: the anchor's cell in a report."""
     return f"anchor_{args.anchor}" + (f"_{args.objective}" if args.anchor == "untrained" else "")
@@ -225,20 +236,25 @@ def study_main(argv: list[str]) -> None:
     create_store(root / "mlflow.db")
     (root / "logs").mkdir(exist_ok=True)
     failed = run_locally(commands, args.parallel or study.get("parallel", 1), root / "logs")
+    # A study run again (with more objectives or seeds) probes and anchors only what it has not yet.
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    done = {run.info.run_name: run.data.tags for run in client.search_runs([found.experiment_id], max_results=50_000)}
     evaluated = {}
     for command in commands:
         name = command[command.index("--run.name") + 1]
         folder = Path(command[command.index("--data.dataset") + 1])
         checkpoint = root / name / "checkpoints" / "last.ckpt"
-        if checkpoint.exists():
+        if checkpoint.exists() and done.get(name, {}).get(PROBED_TAG) != str(folder.resolve()):
             evaluated[name] = run_eval(["--ckpt", str(checkpoint), "--data", str(folder), *study.get("eval", [])])
     for folder in datasets:
         common = ["--data", str(folder), "--experiment", experiment, "--root", str(root), *study.get("eval", [])]
-        run_eval([*common, "--anchor", "true"])
-        for seed in seeds:
-            run_eval([*common, "--anchor", "noise", "--seed", str(seed)])
-        for objective in objectives:  # the architecture's floor: one seed each
-            run_eval([*common, "--anchor", "untrained", "--objective", objective, "--seed", str(seeds[0])])
+        anchors = [["--anchor", "true"], *(["--anchor", "noise", "--seed", str(seed)] for seed in seeds),
+                   *(["--anchor", "untrained", "--objective", objective, "--seed", str(seeds[0])]  # one seed: the floor
+                     for objective in distinct_cores(objectives))]
+        for anchor in anchors:
+            if anchor_name(eval_parser().parse_args([*common, *anchor]), ProbeDataset(folder)) not in done:
+                run_eval([*common, *anchor])
     summary = {"experiment": experiment, "store": uri, "datasets": [str(d) for d in datasets],
                "seconds": round(time.perf_counter() - started), "failed": failed}
     text = json.dumps(summary, indent=1).encode()

@@ -118,8 +118,10 @@ class ProbeReport:
                  f"{sum(not r.anchor for r in self.runs)} probed runs and {sum(r.anchor for r in self.runs)} anchors, "
                  f"made by `{self.command}`. Mean over seeds [95% bootstrap interval over seeds, {self.reps} resamples]; "
                  "R² on the held-out episodes, of a ridge probe fitted on the train episodes; overall: the mean over "
-                 "the groups. Anchors: the true state as the features (the top), an untrained model of each objective "
-                 "(what a random network of that architecture holds), Gaussian noise features (the bottom).", ""]
+                 "the groups; a group that never varies in a dataset is left out. Anchors: the true state as the features "
+                 "(the top), an untrained model (what a random network of that architecture already holds; objectives "
+                 "that build the same encoder and RSSM share one, named after the first of them), Gaussian noise "
+                 "features (the bottom).", ""]
         for dataset in sorted({r.dataset for r in self.runs}):
             rows = [row for row in self.rows if row["dataset"] == dataset]
             groups = [g for g in rows[0]["groups"]]
@@ -147,9 +149,11 @@ class ProbeReport:
 
 
 def overall_curve(run: ProbedRun) -> np.ndarray:
-    """A run's open-loop R², the mean over its groups, at each horizon all groups reach."""
+    """A run's open-loop R², the mean over its groups (those that vary: a constant group has none),
+    at each horizon all groups reach."""
     length = min(len(curve) for curve in run.rollout.values())
-    return np.mean([curve[:length] for curve in run.rollout.values()], 0)
+    with np.errstate(all="ignore"):
+        return np.nanmean([curve[:length] for curve in run.rollout.values()], 0)
 
 
 def summarise(runs: list[ProbedRun], reps: int) -> list[dict]:
@@ -157,7 +161,8 @@ def summarise(runs: list[ProbedRun], reps: int) -> list[dict]:
     rows = []
     for dataset in sorted({r.dataset for r in runs}):
         here = [r for r in runs if r.dataset == dataset]
-        groups = sorted({k for r in here for k in r.r2 if k != "overall" and not k.endswith(("_deter", "_stoch"))})
+        groups = sorted({k for r in here for k in r.r2 if k != "overall" and not k.endswith(("_deter", "_stoch"))
+                         and np.isfinite(r.r2[k])})  # a group that never varies in the dataset has no R²
         for cell in cell_order({r.cell for r in here}):
             seeds = [r for r in here if r.cell == cell]
             keys = [*groups, "overall", "overall_deter", "overall_stoch"]

@@ -1,16 +1,5 @@
-"""Speed and memory of a training update: `python -m wm.bench update --size size12M --objective barlow`.
-
-Runs real updates of the Lightning agent through a Trainer on a random replay batch and prints
-the median seconds per update after warm-up, the share of each phase (eager only), the peak
-memory, and what decides speed on any hardware: compile time and graph breaks (`--compile`),
-host syncs and aten ops in one update (torch.profiler), GFLOP per update (FlopCounterMode) and
-the fraction of this machine's peak matmul throughput that the update achieves.
-`python -m wm.bench params --size size12M` prints the per-module parameter table.
-`python -m wm.bench replay --rows 100000 --new-rows 12500` prints the bytes and seconds of the
-first replay save of a buffer holding `rows` rows and of the next save, after `new_rows` more.
-`python -m wm.bench fit --config configs/dmc.yaml --seconds 120` runs a real fit and prints env
-frames/s, updates/s and the share of wall time in each part of the loop (wm/bench_fit.py).
-"""
+"""`python -m wm.bench update|params|replay`: the speed and memory of one training update, the
+parameter table, and the cost of a replay save (see wm/bench/__init__.py for every mode)."""
 
 from __future__ import annotations
 
@@ -29,7 +18,6 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from datamodules import ReplayBuffer, ReplayStore
-from wm import bench_fit
 from wm.agent import Agent
 from wm.objectives import OBJECTIVES, make_objective
 from wm.profiling import ProfileBatch, set_compile_cache, start_recording, stop_recording
@@ -218,13 +206,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["fit"]:  # a real fit: its own options, and any `--key value` of `python -m wm fit`
-        bench_fit.main(argv[1:])
-        return
-    args = parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     {"update": bench_update, "params": print_params, "replay": bench_replay}[args.what](args)
-
-
-if __name__ == "__main__":
-    main()

@@ -30,11 +30,14 @@ import time
 from pathlib import Path
 
 import lightning as L
+import psutil
 import torch
 
+import callbacks.env_loop as env_loop_module
 from callbacks.checkpoint import EnvStepCheckpoint
 from callbacks.env_loop import EnvLoop
 from wm.cli import WMCLI
+from wm.envs import make_vector_env
 from wm.logger import sqlite_uri
 from wm.profiling import phase, start_recording, stop_recording
 
@@ -92,6 +95,17 @@ class FitTimer(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.marks["fit_start"] = time.perf_counter()  # before the env loop starts its envs and prefills
+        make = env_loop_module.make_vector_env
+
+        def timed(*args, **kwargs):  # the env loop's first call starts the training envs
+            env_loop_module.make_vector_env = make
+            start = time.perf_counter()
+            envs = make(*args, **kwargs)
+            self.env_start = time.perf_counter() - start
+            self.workers = worker_memory(envs)
+            return envs
+
+        env_loop_module.make_vector_env = timed
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.marks["train_start"] = time.perf_counter()
@@ -133,6 +147,7 @@ class FitTimer(L.Callback):
             "replay_device": str(data.buffer.device) if data.buffer is not None else None,
             "setup": self.marks["fit_start"] - self.created,
             "prefill": self.marks["train_start"] - self.marks["fit_start"], "prefill_frames": self.prefill_frames,
+            "env_start": getattr(self, "env_start", float("nan")), "workers": getattr(self, "workers", None),
             "warmup": self.marks["start"] - self.marks["train_start"],
             "wall": end - self.marks["start"], "frames": loop.env_steps - self.start_frames, "updates": self.updates,
             "phases": dict(self.recorder),
@@ -141,6 +156,16 @@ class FitTimer(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         stop_recording()  # also after an exception: no recording left on
+        env_loop_module.make_vector_env = make_vector_env
+
+
+def worker_memory(envs) -> tuple[float, float] | None:
+    """Mean resident (RSS) and own (USS) MiB of the envs' worker processes; None without workers."""
+    pids = envs.worker_pids() if getattr(envs, "asynchronous", False) else []
+    if not pids:
+        return None
+    memory = [psutil.Process(pid).memory_full_info() for pid in pids]
+    return (sum(m.rss for m in memory) / len(pids) / 2**20, sum(m.uss for m in memory) / len(pids) / 2**20)
 
 
 def shares(result: dict) -> dict[str, float]:
@@ -160,6 +185,9 @@ def report(result: dict) -> str:
         f"threads {result['threads']}",
         f"setup: {result['setup']:.1f} s  env start and prefill: {result['prefill']:.1f} s "
         f"({result['prefill_frames']} env frames)  warm-up: {result['warmup']:.1f} s",
+        f"env start: {result['env_start']:.1f} s for {result['num_envs']} env{'s' * (result['num_envs'] > 1)}"
+        + (f"; each worker process holds {result['workers'][0]:.0f} MiB resident (RSS), {result['workers'][1]:.0f} MiB "
+           "of its own (USS: not shared with other processes)" if result["workers"] else " (in this process)"),
         f"measured: {wall:.2f} s, {result['frames']} env frames, {result['updates']} updates",
         f"env frames/s: {result['frames'] / wall:.2f}",
         f"updates/s: {result['updates'] / wall:.3f}",
