@@ -73,14 +73,18 @@ def test_the_loss_traces_as_one_graph(monkeypatch, objective, discrete):
     assert explained.graph_count == 1
 
 
+@pytest.mark.parametrize("scope", ["regions", "update"])
 @pytest.mark.parametrize(("objective", "discrete"), COMPILED_CASES)
-def test_compiled_losses_and_gradients_equal_eager(monkeypatch, objective, discrete):
+def test_compiled_losses_and_gradients_equal_eager(monkeypatch, objective, discrete, scope):
+    """Both compile scopes: the repeated blocks (the default) and the whole update as one graph."""
     eager_agent = tiny_agent(monkeypatch, objective, discrete)
     compiled_agent = copy.deepcopy(eager_agent)
+    compiled_agent.hparams.update(compile=True, compile_scope=scope)
     data = batch(discrete)
     eager_metrics, eager_grads = loss_and_grads(eager_agent, eager_agent.losses, data)
     torch._dynamo.reset()
-    compiled = torch.compile(compiled_agent.losses, fullgraph=True, dynamic=False)
+    compiled = compiled_agent.loss_function()
+    assert (compiled == compiled_agent.losses) == (scope == "regions"), "regions compile the blocks inside losses"
     with torch._inductor.config.patch(fallback_random=True):  # eager's random draws
         compiled_metrics, compiled_grads = loss_and_grads(compiled_agent, compiled, data)
     assert eager_metrics.keys() == compiled_metrics.keys() and eager_grads.keys() == compiled_grads.keys()
@@ -152,3 +156,52 @@ def test_a_compiled_fit_runs_and_resumes(tmp_path, monkeypatch):
     assert resumed["hyper_parameters"]["compile"] is True
     losses = client.get_metric_history(second.info.run_id, "train/world_model/loss")
     assert max(m.step for m in losses) > first_step and all(math.isfinite(m.value) for m in losses)
+
+
+class GraphCount(L.Callback):
+    """Dynamo's count of graphs compiled so far, after every update (the instances a CLI fit
+    makes from `--trainer.callbacks` are kept in `made`)."""
+
+    made: list[GraphCount] = []
+
+    def __init__(self):
+        self.after: list[int] = []
+        GraphCount.made.append(self)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def test_after_its_first_update_a_compiled_fit_never_compiles_again(tmp_path, monkeypatch):
+    """Everything the compiled regions see is the same from the first update on (shapes, grad
+    modes, the benchmark's recorder outside the graphs); acting and evaluating run eager."""
+    monkeypatch.setitem(SIZES, "sizeTiny", TINY)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    GraphCount.made.clear()
+    main(["fit", *TINY_FIT, "--run.root", str(tmp_path), "--model.compile", "true", "--model.size", "sizeTiny",
+          "--model.actor_critic.horizon", "2", "--data.sequence_length", "3", "--env.total_steps", "40",
+          "--env.eval_every", "20", "--trainer.callbacks", '[{"class_path": "tests.test_compile.GraphCount"}]'])
+    (count,) = GraphCount.made
+    assert len(count.after) >= 20 and count.after[0] > 0, count.after
+    assert set(count.after) == {count.after[0]}, f"graphs compiled after the first update: {count.after}"
+
+
+def test_a_compile_that_fails_trains_eagerly_with_a_one_line_warning(tmp_path, monkeypatch):
+    """A compiler error (here a C++ build failure, as an AVX2 machine gave after 25 minutes) must
+    not end the run: the update runs eagerly from then on, and the fit finishes."""
+    import wm.agent
+    from tests.test_training import TINY
+
+    def failing_compile(function, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("CppCompileError: C++ compile error\n  g++ ... returned 1")
+        return compiled
+
+    monkeypatch.setattr(wm.agent.torch, "compile", failing_compile)
+    with pytest.warns(UserWarning, match=r"model.compile: compiling the update failed \(RuntimeError: CppCompileError: "
+                                         r"C\+\+ compile error\); training eagerly") as warned:
+        main(["fit", *TINY, "--run.root", str(tmp_path), "--env.total_steps", "24", "--model.compile", "true"])
+    assert sum("compiling the update failed" in str(w.message) for w in warned) == 1, "said once"
+    state = torch.load(tmp_path / "tiny/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 8, "every update ran, eagerly"

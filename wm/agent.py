@@ -49,6 +49,7 @@ def module_of(parameter: str) -> str:
     return ".".join(parts[: 3 if parts[:2] == ["world_model", "objective"] else 2])
 
 
+COMPILE_SCOPES = ("regions", "update")
 CONFIGS = {"world_model": WorldModelConfig, "actor_critic": ActorCriticConfig, "optimizer": OptimizerConfig}
 
 
@@ -97,6 +98,7 @@ class Agent(L.LightningModule):
         max_consecutive_skips: consecutive updates with a non-finite loss or gradient that are
             skipped before training stops with `NonFiniteLossError` (checked every log interval).
         compile: compile the update's loss and backward with `torch.compile` (see `loss_function`).
+        compile_scope: what is compiled: "regions" (the repeated blocks) or "update" (one graph).
     """
 
     def __init__(
@@ -112,9 +114,12 @@ class Agent(L.LightningModule):
         repval_scale: float = 0.3,
         max_consecutive_skips: int = 10,
         compile: bool = False,
+        compile_scope: str = "regions",
     ):
         if max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope={compile_scope!r}: choose one of {', '.join(COMPILE_SCOPES)}")
         super().__init__()
         self.automatic_optimization = False
         objective = objective if objective is not None else make_objective(DEFAULT_OBJECTIVE)
@@ -134,6 +139,9 @@ class Agent(L.LightningModule):
         self.gradient_names: list[str] = []  # of the last update, for naming non-finite gradients
         self.unlogged: dict[str, float] = {}  # the last log interval's means, for the loggers
         self._compiled_losses = None
+        self._compiled_imagine_step = None  # `imagine_step` compiled (compile_scope "regions")
+        self.compiled_once = False  # an update has run compiled: later errors are not the compiler's
+        self.compile_failed = False  # the compile failed and the updates run eagerly
         self._batchnorms: list[nn.Module] | None = None  # found on the first `act` of a fit
 
     @classmethod
@@ -146,14 +154,23 @@ class Agent(L.LightningModule):
     def configure_optimizers(self):
         return self.optimizer_config.build([p for p in self.parameters() if p.requires_grad])
 
+    def imagine_step(self, deter: torch.Tensor, stoch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One imagined step on tensors (the repeated block a compile of regions compiles): the
+        policy's sampled action and the prior's next state."""
+        state = State(deter, stoch)
+        action = sample_policy(self.actor_critic.policy(state.feat)).to(deter.dtype)
+        state = self.world_model.rssm.img_step(state, action)
+        return state.deter, state.stoch, action
+
     @torch.no_grad()
     def imagine(self, start: State) -> tuple[torch.Tensor, torch.Tensor]:
         """Roll the policy out in the prior: features (N, H + 1, F) and actions (N, H, A)."""
+        step = self._compiled_imagine_step or self.imagine_step
         feats, actions = [start.feat], []
         state = start
         for _ in range(self.actor_critic.config.horizon):
-            action = sample_policy(self.actor_critic.policy(state.feat)).to(state.deter.dtype)
-            state = self.world_model.rssm.img_step(state, action)
+            deter, stoch, action = step(state.deter, state.stoch)
+            state = State(deter, stoch)
             feats.append(state.feat)
             actions.append(action)
         return torch.stack(feats, 1), torch.stack(actions, 1)
@@ -181,30 +198,65 @@ class Agent(L.LightningModule):
         return total, metrics, wm.posterior
 
     def loss_function(self):
-        """`losses`, compiled on first use when `compile` is set: the whole forward as one graph
-        (fullgraph, so a graph break is an error) and its backward through AOTAutograd; CUDA
-        graphs ("reduce-overhead") on a GPU, inductor's C++ kernels on a CPU."""
-        if not self.hparams.compile:
+        """`losses`, compiled on first use when `compile` is set, each piece as one graph
+        (fullgraph, so a graph break is an error) with its backward through AOTAutograd; CUDA
+        graphs ("reduce-overhead") on a GPU, inductor's C++ kernels on a CPU.
+
+        `compile_scope` "regions" (the default) compiles the repeated blocks: the filtering step
+        and the imagined step (policy and prior) that the update loops over, the encoder and the
+        objective's forward; the loops, the heads' few calls and the loss arithmetic stay eager,
+        so a cold compile is short and a change recompiles only its block. "update" compiles the
+        whole update, its loops unrolled, into one graph (README "Speed" compares the two)."""
+        if not self.hparams.compile or self.compile_failed:
             return self.losses
         if self._compiled_losses is None:
             set_compile_cache()
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._compiled_losses = torch.compile(self.losses, fullgraph=True, dynamic=False, mode=mode)
+            options = {"fullgraph": True, "dynamic": False, "mode": "reduce-overhead" if self.device.type == "cuda" else None}
+            if self.hparams.compile_scope == "update":
+                self._compiled_losses = torch.compile(self.losses, **options)
+            else:
+                wm = self.world_model
+                wm.rssm.compiled_step = torch.compile(wm.rssm.observe_step, **options)
+                self._compiled_imagine_step = torch.compile(self.imagine_step, **options)
+                objective = [wm.objective] if any(True for _ in wm.objective.parameters()) else []  # `none`: nothing to compile
+                for module in (wm.encoder, *objective):
+                    module.compile(**options)
+                self._compiled_losses = self.losses
         return self._compiled_losses
+
+    def forward_backward(self, batch: Mapping[str, torch.Tensor], buffers: list[torch.Tensor]):
+        """The losses, their backward and the guarded optimiser step (see `training_step`)."""
+        torch.compiler.cudagraph_mark_step_begin()  # the last update's graph outputs are consumed
+        total, metrics, posterior = self.loss_function()(batch)
+        optimizer = self.optimizers()
+        metrics["optimizer/lr"] = optimizer.optimizer.current_lr(optimizer.param_groups[0])
+        taken, finite, self.gradient_names = guarded_step(self, total, buffers)
+        return total, metrics, posterior, taken, finite
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict:
         """One update, without a host sync. If its loss or a gradient is not finite, the update
         is a no-op decided on the device: parameters, optimiser state (warm-up included),
         buffers (BatchNorm statistics, return normaliser), slow critic and objective teachers keep
         their values, and the output's `taken` is false (the replay keeps its old latents).
-        Metrics are summed on the device and logged, with the skip count, once per log interval."""
-        optimizer = self.optimizers()
+        Metrics are summed on the device and logged, with the skip count, once per log interval.
+        A compiled update whose first compile fails runs eagerly, with a warning naming the error."""
         log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0  # Lightning logs this batch
         buffers = [b.clone() for b in self.buffers()]  # kept if the update is skipped
-        torch.compiler.cudagraph_mark_step_begin()  # the last update's graph outputs are consumed
-        total, metrics, posterior = self.loss_function()(batch)
-        metrics["optimizer/lr"] = optimizer.optimizer.current_lr(optimizer.param_groups[0])
-        taken, finite, self.gradient_names = guarded_step(self, total, buffers)
+        try:
+            total, metrics, posterior, taken, finite = self.forward_backward(batch, buffers)
+        except Exception as error:  # noqa: BLE001 - see below: only a first compiled update falls back
+            if not self.hparams.compile or self.compiled_once or self.compile_failed:
+                raise
+            # The compile failed (a C++ compiler error, an unsupported op): nothing has been stepped
+            # yet, so train eagerly from here instead of losing the run.
+            self.compile_failed = True
+            first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+            rank_zero_warn(f"model.compile: compiling the update failed ({type(error).__name__}: {first_line}); "
+                           "training eagerly")
+            for buffer, saved in zip(self.buffers(), buffers):
+                buffer.copy_(saved)
+            total, metrics, posterior, taken, finite = self.forward_backward(batch, buffers)
+        self.compiled_once = True
         with phase("optimizer"):
             # The return normaliser keeps the EMAs this update's advantages were scaled with.
             low_high = torch.stack([metrics["actor_critic/return_low"], metrics["actor_critic/return_high"]])
@@ -317,11 +369,12 @@ class Agent(L.LightningModule):
         modes = [m.training for m in self._batchnorms]
         for m in self._batchnorms:
             m.training = False
-        try:
-            embed = self.world_model.encoder({k: v.to(self.device) for k, v in self.world_model.encoder.select(obs).items()})
-            latent = self.world_model.rssm.obs_step(state.latent, state.action, embed, is_first)
-            dist = self.actor_critic.policy(latent.feat)
-            action = sample_policy(dist) if mode == "sample" else policy_mode(dist)
+        try:  # eager: acting's batches have other shapes than the update's, which compiled regions are for
+            with torch.compiler.set_stance("force_eager"):
+                embed = self.world_model.encoder({k: v.to(self.device) for k, v in self.world_model.encoder.select(obs).items()})
+                latent = self.world_model.rssm.obs_step(state.latent, state.action, embed, is_first)
+                dist = self.actor_critic.policy(latent.feat)
+                action = sample_policy(dist) if mode == "sample" else policy_mode(dist)
         finally:
             for m, mode_was in zip(self._batchnorms, modes):
                 m.training = mode_was

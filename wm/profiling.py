@@ -19,7 +19,9 @@ _recorder: dict[str, float] | None = None
 def phase(name: str):
     """Adds the wall time of the block to `name` while recording; costs nothing otherwise, and
     nothing inside a compiled graph (which runs as one piece)."""
-    if _recorder is None or torch.compiler.is_compiling():
+    # is_compiling first: traced, it is a constant and `_recorder` is never read, so no compiled
+    # graph guards on it (a graph that did recompiled when a benchmark started recording).
+    if torch.compiler.is_compiling() or _recorder is None:
         return nullcontext()
     return _timed(_recorder, name)
 

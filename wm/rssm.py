@@ -89,6 +89,7 @@ class RSSM(nn.Module):
         # halves so that the embedding half runs once for the whole sequence in `observe`.
         self.post_in = Linear(size.deter + embed_dim, size.hidden)
         self.post_out = nn.Sequential(NormAct(size.hidden, posterior_norm), Linear(size.hidden, latent))
+        self.compiled_step = None  # `observe_step` compiled, when the agent compiles its regions
 
     def initial(self, batch: int, device: torch.device | str = "cpu") -> State:
         s = self.size
@@ -116,25 +117,31 @@ class RSSM(nn.Module):
         state = state if state is not None else self.initial(batch, embed.device)
         embed_part = self._embed_part(embed)
         keep = 1.0 - is_first.float()
+        step = self.compiled_step or self.observe_step
         deters, stochs, post_logits = [], [], []
         for t in range(length):
-            state = state.masked(keep[:, t])
-            deter = self.core(state.deter, state.stoch, action[:, t] * keep[:, t, None])
-            logits = self._posterior_logits(deter, embed_part[:, t])
-            state = State(deter, sample_latents(logits))
+            deter, stoch, logits = step(state.deter, state.stoch, action[:, t], keep[:, t], embed_part[:, t])
+            state = State(deter, stoch)
             deters.append(deter)
-            stochs.append(state.stoch)
+            stochs.append(stoch)
             post_logits.append(logits)
         deter = torch.stack(deters, 1)
         posterior = State(deter, torch.stack(stochs, 1))
         return posterior, torch.stack(post_logits, 1), self.prior_logits(deter)
 
+    def observe_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, keep: torch.Tensor,
+                     embed_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One filtering step on tensors (the repeated block a compile of regions compiles): the
+        state reset where keep == 0, the GRU, the posterior logits and their sample."""
+        state = State(deter, stoch).masked(keep)
+        deter = self.core(state.deter, state.stoch, action * keep[:, None])
+        logits = self._posterior_logits(deter, embed_part)
+        return deter, sample_latents(logits), logits
+
     def obs_step(self, state: State, action: torch.Tensor, embed: torch.Tensor, is_first: torch.Tensor) -> State:
         """One filtering step for acting in an environment."""
-        keep = 1.0 - is_first.float()
-        state = state.masked(keep)
-        deter = self.core(state.deter, state.stoch, action * keep[:, None])
-        return State(deter, sample_latents(self._posterior_logits(deter, self._embed_part(embed))))
+        deter, stoch, _ = self.observe_step(state.deter, state.stoch, action, 1.0 - is_first.float(), self._embed_part(embed))
+        return State(deter, stoch)
 
     def img_step(self, state: State, action: torch.Tensor) -> State:
         """One step of the prior: imagine the next state given an action."""

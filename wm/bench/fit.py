@@ -118,6 +118,7 @@ class FitTimer(L.Callback):
             self.recorder = start_recording()
             self.marks["start"] = time.perf_counter()
             self.start_frames = loop.env_steps
+            self.start_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         _sync(pl_module.device)
         self.batch_start = time.perf_counter()
 
@@ -151,6 +152,7 @@ class FitTimer(L.Callback):
             "warmup": self.marks["start"] - self.marks["train_start"],
             "wall": end - self.marks["start"], "frames": loop.env_steps - self.start_frames, "updates": self.updates,
             "phases": dict(self.recorder),
+            "graphs": (self.start_graphs, torch._dynamo.utils.counters["stats"]["unique_graphs"] - self.start_graphs),
         }
         self.recorder = None
 
@@ -189,6 +191,8 @@ def report(result: dict) -> str:
         + (f"; each worker process holds {result['workers'][0]:.0f} MiB resident (RSS), {result['workers'][1]:.0f} MiB "
            "of its own (USS: not shared with other processes)" if result["workers"] else " (in this process)"),
         f"measured: {wall:.2f} s, {result['frames']} env frames, {result['updates']} updates",
+        f"compiled graphs: {result['graphs'][0]} before the measurement, {result['graphs'][1]} during it "
+        "(a graph compiled during it is a recompile)",
         f"env frames/s: {result['frames'] / wall:.2f}",
         f"updates/s: {result['updates'] / wall:.3f}",
         "share of wall time:",

@@ -64,7 +64,7 @@ class UpdateTimer(L.Callback):
 def build_agent(args: argparse.Namespace) -> tuple[Agent, dict[str, tuple[int, ...]]]:
     shapes = {"image": (args.image_size, args.image_size, 3)}
     agent = Agent(shapes, args.action_dim, discrete=args.discrete, objective=make_objective(args.objective), size=args.size,
-                  compile=getattr(args, "compile", False))
+                  compile=getattr(args, "compile", False), compile_scope=getattr(args, "compile_scope", "regions"))
     return agent, shapes
 
 
@@ -93,6 +93,15 @@ def peak_matmul_gflops(dtype: torch.dtype, device: str, size: int = 4096, repeat
     return 2 * size**3 / best / 1e9
 
 
+def train(agent: Agent, batch: dict[str, torch.Tensor], args: argparse.Namespace, precision: str, steps: int,
+          callbacks: list[L.Callback]) -> None:
+    """`steps` updates of `agent` on `batch` through a Lightning Trainer."""
+    trainer = L.Trainer(accelerator=args.device, devices=1, precision=precision, max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks)
+    trainer.fit(agent, DataLoader(RepeatBatch(batch), batch_size=None))
+
+
 def bench_update(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     precision = effective_precision(PRECISIONS[args.precision], args.device)
@@ -111,26 +120,15 @@ def bench_update(args: argparse.Namespace) -> None:
     timer = UpdateTimer()
     profiled = args.warmup + args.updates  # one more update, profiled and not timed
     profiler = ProfileBatch(profiled)
-    trainer = L.Trainer(
-        accelerator=args.device,
-        devices=1,
-        precision=precision,
-        max_steps=profiled + 1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, profiler],
-    )
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(agent, DataLoader(RepeatBatch(batch), batch_size=None))
+    train(agent, batch, args, precision, profiled + 1, [timer, profiler])
     measured = timer.seconds[args.warmup : profiled]
     phases = timer.phases[args.warmup : profiled]
     median = statistics.median(measured)
     print(f"objective {args.objective}  size {args.size}  B={args.batch} T={args.length}  "
           f"precision {precision}  device {args.device}  threads {torch.get_num_threads()}  "
-          f"{'compiled' if args.compile else 'eager'}")
+          f"{f'compiled ({args.compile_scope})' if args.compile else 'eager'}")
     print(agent.parameter_table())
     print(f"median seconds per update: {median:.3f}  (min {min(measured):.3f}, max {max(measured):.3f}, "
           f"{len(measured)} updates after {args.warmup} warm-up)")
@@ -139,6 +137,13 @@ def bench_update(args: argparse.Namespace) -> None:
         print(f"compile: first update {timer.seconds[0]:.1f} s, i.e. {timer.seconds[0] - median:.1f} s of compilation "
               f"({'cold' if args.cold else 'warm or cold'} cache at {os.environ['TORCHINDUCTOR_CACHE_DIR']}); "
               f"graphs {counters['stats']['unique_graphs']}, graph breaks {sum(counters['graph_break'].values())}")
+        if args.cold:  # the same compile again, from the cache the cold one filled: what a later run pays
+            torch._dynamo.reset()
+            warm = UpdateTimer()
+            agent, _ = build_agent(args)
+            train(agent, batch, args, precision, 1, [warm])
+            print(f"compile: warm, from that cache: first update {warm.seconds[0]:.1f} s, i.e. "
+                  f"{warm.seconds[0] - median:.1f} s of compilation")
     else:
         mean_total = statistics.fmean(measured)
         shares = {name: statistics.fmean(p.get(name, 0.0) for p in phases) for name in PHASES}
@@ -196,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--discrete", action="store_true")
     parser.add_argument("--compile", action="store_true", help="update: compile the loss and backward (model.compile)")
     parser.add_argument("--cold", action="store_true", help="update --compile: start from an empty compile cache")
+    parser.add_argument("--compile-scope", default="regions", choices=["regions", "update"],
+                        help="update --compile: the repeated blocks, or the whole update as one graph")
     parser.add_argument("--updates", type=int, default=5, help="timed updates")
     parser.add_argument("--warmup", type=int, default=2, help="untimed updates first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
