@@ -164,3 +164,23 @@ def test_a_run_with_its_own_store_from_an_older_wm_still_resumes_and_tests(tmp_p
     main(["test", *TINY, "--ckpt_path", str(last), "--env.eval_episodes", "2"])  # --config says what it is
     _, tested = mlflow_run(own, "tiny")
     assert tested.data.metrics["test/episodes"] == 2 and tested.info.status == "FINISHED"
+
+
+def test_runs_that_start_together_on_a_new_store_share_one_experiment(tmp_path):
+    """A parallel sweep's runs each find the experiment missing; every process must end up with the
+    same experiment instead of one failing on MLflow's unique-name constraint."""
+    import subprocess
+    import sys
+
+    from wm.logger import create_store, sqlite_uri
+
+    create_store(tmp_path / "mlflow.db")
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    code = f"from wm.logger import ensure_experiment; print(ensure_experiment({uri!r}, 'together'))"
+    workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(4)]
+    results = [w.communicate(timeout=120) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-500:] for _, err in results]
+    ids = {out.strip() for out, _ in results}
+    assert len(ids) == 1 and ids == {MlflowClient(uri).get_experiment_by_name("together").experiment_id}
+    assert MlflowClient(uri).get_experiment_by_name("together").tags["mlflow.experimentKind"] == "custom_model_development"

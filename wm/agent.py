@@ -224,6 +224,12 @@ class Agent(L.LightningModule):
                 self._compiled_losses = self.losses
         return self._compiled_losses
 
+    def drop_compiled(self) -> None:
+        """Forget every compiled graph and region, so what runs next is eager."""
+        self._compiled_losses = self._compiled_imagine_step = self.world_model.rssm.compiled_step = None
+        for module in self.modules():
+            module._compiled_call_impl = None  # what `nn.Module.compile` set
+
     def forward_backward(self, batch: Mapping[str, torch.Tensor], buffers: list[torch.Tensor]):
         """The losses, their backward and the guarded optimiser step (see `training_step`)."""
         torch.compiler.cudagraph_mark_step_begin()  # the last update's graph outputs are consumed
@@ -250,6 +256,7 @@ class Agent(L.LightningModule):
             # The compile failed (a C++ compiler error, an unsupported op): nothing has been stepped
             # yet, so train eagerly from here instead of losing the run.
             self.compile_failed = True
+            self.drop_compiled()
             first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
             rank_zero_warn(f"model.compile: compiling the update failed ({type(error).__name__}: {first_line}); "
                            "training eagerly")

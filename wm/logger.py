@@ -18,6 +18,8 @@ from mlflow import MlflowClient
 
 from wm.files import fsync_dir, temporary_sibling
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
 
 class EnvStepMLFlowLogger(MLFlowLogger):
     """MLFlowLogger whose step is the run's environment-frame count, which the env-interaction
@@ -68,6 +70,28 @@ def create_store(db: Path) -> None:
         os.fsync(f.fileno())
     os.replace(temporary, db)
     fsync_dir(db.parent)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name` in store `uri`, made if it is missing (its artifacts beside a
+    sqlite store) and marked as model training. Runs that start together (a parallel sweep) may
+    both find it missing; the one whose create loses reads the winner's."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=artifact_location(uri))
+        except Exception:  # noqa: BLE001 - another run created it first (a unique-name error)
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            experiment_id = found.experiment_id
+    else:
+        experiment_id = found.experiment_id
+    # MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model
+    # training; so marked, it opens on the runs table and their charts.
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    return experiment_id
 
 
 def tracking_uri(configured: str, root: Path, run_dir: Path) -> str:

@@ -25,12 +25,11 @@ from mlflow import MlflowClient
 from callbacks.checkpoint import LAST, AtomicCheckpointIO
 from callbacks.run_record import RunRecord
 from wm.files import atomic_write
-from wm.logger import EnvStepMLFlowLogger, artifact_location, create_store, sqlite_file, tracking_uri
+from wm.logger import EnvStepMLFlowLogger, artifact_location, create_store, ensure_experiment, sqlite_file, tracking_uri
 from wm.runs import RECORD_KEY, RESUMABLE, changed_keys, derived_seed, describe_changes, flatten
 from wm.validation import ConfigError, check_config, fallback_message, precision_fallback
 
 # MLflow 3's experiment tag that picks the UI's view: "custom_model_development" is the training-runs one.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 RUN_ID_FILE = "mlflow_run_id"
 
 
@@ -224,8 +223,10 @@ class RunCLI(LightningCLI):
             self.check_tracked(uri, run_id, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         db = sqlite_file(uri)
-        if db is not None and rank_zero_only.rank == 0:
-            create_store(db)
+        if rank_zero_only.rank == 0:
+            if db is not None:
+                create_store(db)
+            ensure_experiment(uri, config.run.experiment)
         logger = self.mlflow_logger(uri, run_id, run_dir)
         if rank_zero_only.rank == 0:  # other DDP ranks see a dummy experiment and no run id
             atomic_write(run_dir / RUN_ID_FILE, lambda f: f.write(logger.run_id.encode()))
@@ -254,9 +255,6 @@ class RunCLI(LightningCLI):
         logger = self.trainer.logger
         if rank_zero_only.rank != 0:  # other DDP ranks see a dummy experiment
             return
-        # MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model
-        # training; so marked, it opens on the runs table and their charts.
-        logger.experiment.set_experiment_tag(logger.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         logged = logger.experiment.get_run(logger.run_id).data.params
         if logged:  # a resumed run: running again, and the replayed stretch is not logged twice
             logger.experiment.update_run(logger.run_id, status="RUNNING")

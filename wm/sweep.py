@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 from wm.durations import update_count
-from wm.logger import create_store, sqlite_uri
+from wm.logger import create_store, ensure_experiment, sqlite_uri
 from wm.objectives import objective_name
 from wm.runs import overrides_tag, run_name
 
@@ -109,6 +109,11 @@ def benchmark_of(config: Path) -> tuple[str, str]:
     return experiment, task
 
 
+def store_uri(root: Path, tracking_uri: str | None) -> str:
+    """The sweep's one store: `--tracking-uri`, else MLFLOW_TRACKING_URI, else `<root>/mlflow.db`."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(root / "mlflow.db")
+
+
 def sweep_commands(
     config: Path, tasks: list[str], objectives: list[str], seeds: list[int], root: Path, tracking_uri: str, extra: list[str]
 ) -> list[list[str]]:
@@ -126,7 +131,7 @@ def sweep_commands(
     if unknown:
         suites = sorted({t.partition("-")[0] for t in unknown} & set(SUITES))
         raise ValueError(f"unknown tasks {unknown}; valid: {', '.join(available_tasks(suites or None))}")
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(root / "mlflow.db")
+    tracking_uri = store_uri(root, tracking_uri)
     tag = overrides_tag(extra)
     commands = []
     for task, objective, seed in itertools.product(tasks, objectives, seeds):
@@ -259,8 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(shlex.join(c) for c in commands))
         return 0
     root.mkdir(parents=True, exist_ok=True)
-    if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):  # the runs' shared store, made before they start together
+    # The runs' shared store and experiment, made before they start together.
+    uri = store_uri(root, args.tracking_uri)
+    if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         create_store(root / "mlflow.db")
+    ensure_experiment(uri, benchmark_of(args.config)[0])
     if args.slurm:
         args.slurm.write_text(slurm_script(commands, f"wm-{benchmark_of(args.config)[0]}", args.slurm_option))
         print(f"wrote {args.slurm}: {len(commands)} array tasks; submit with `sbatch {args.slurm}`")

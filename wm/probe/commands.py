@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from wm.files import atomic_write
-from wm.logger import create_store, sqlite_file, sqlite_uri
+from wm.logger import create_store, ensure_experiment, sqlite_file, sqlite_uri
 from wm.probe import evaluate
 from wm.probe.dataset import Collection, ProbeDataset, collect
 from wm.probe.figures import plot_probe
@@ -146,9 +146,7 @@ def anchor_run(args, dataset: ProbeDataset) -> tuple[str, str]:
         db.parent.mkdir(parents=True, exist_ok=True)
         create_store(db)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(args.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(args.experiment)
-    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    experiment_id = ensure_experiment(uri, args.experiment)
     name = anchor_name(args, dataset)
     run = client.create_run(experiment_id, run_name=name, tags={ANCHOR_TAG: args.anchor})
     params = {"anchor": args.anchor, "data.dataset": str(dataset.folder.resolve()), "seed_everything": args.seed,
