@@ -259,7 +259,7 @@ OWN_TERMS = {"reconstruction": ("recon_image",), "barlow": ("barlow",), "mudream
 
 
 @pytest.mark.parametrize("name", OBJECTIVES)
-@pytest.mark.parametrize("discrete", [False, True])
+@pytest.mark.parametrize("discrete", [False, pytest.param(True, marks=pytest.mark.slow)])  # discrete: -m slow
 def test_updates_on_a_fixed_batch_decrease_world_model_loss_and_each_objective_term(name, discrete):
     agent = make_agent(OBJECTIVES[name](), discrete, optimizer=OptimizerConfig(lr=1e-3, warmup=0))
     batch = batch_for(agent, batch=4, length=12)

@@ -199,6 +199,7 @@ def test_both_baselines_fit_in_a_world_model_and_are_named_everywhere():
     assert cross_entropy(torch.eye(3), torch.eye(3) * 50).item() < 1e-6
 
 
+@pytest.mark.slow  # a fit each
 @pytest.mark.parametrize("name", ["infonce", "dreamerpro"])
 def test_a_short_real_fit_of_each_baseline_on_toy_catch(name, tmp_path):
     from mlflow import MlflowClient

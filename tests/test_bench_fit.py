@@ -36,7 +36,7 @@ def test_fit_benchmark_reports_shares_that_add_up(tmp_path, monkeypatch, capsys,
         # overrides pass through to the fit: a small batch, a short prefill, a periodic checkpoint
         # and an evaluation within the few seconds measured
         "--data.batch_size", "4", "--data.sequence_length", "8", "--env.prefill", "64",
-        "--run.checkpoint_every", "40", "--env.eval_every", "80", "--env.eval_episodes", "1",
+        "--run.checkpoint_every", "16", "--env.eval_every", "80", "--env.eval_episodes", "1",
     ])
     out = capsys.readouterr().out
     assert re.search(r"^fit benchmark: toy-catch  size1M  1 envs  B=4 T=8 .* replay on cpu", out, re.M), out
@@ -46,6 +46,10 @@ def test_fit_benchmark_reports_shares_that_add_up(tmp_path, monkeypatch, capsys,
     assert seconds >= 3 and frames > 0 and updates > 0
     assert float(re.search(r"^env frames/s: ([\d.]+)$", out, re.M)[1]) == pytest.approx(frames / seconds, rel=0.02)
     assert float(re.search(r"^updates/s: ([\d.]+)$", out, re.M)[1]) == pytest.approx(updates / seconds, rel=0.02)
+    per_update = re.search(r"^seconds per update: median ([\d.]+) \(min ([\d.]+), max ([\d.]+);", out, re.M)
+    median, low, high = (float(per_update[i]) for i in (1, 2, 3))
+    update_share = float(re.search(r"^  updates +[\d.]+%  +([\d.]+) s", out, re.M)[1])
+    assert 0 < low <= median <= high and low * updates <= update_share + 0.01 <= high * updates + 0.02
     share = {name: float(re.search(rf"^  {name} +([\d.]+)%", out, re.M)[1]) for name in NAMES}
     assert sum(share.values()) == pytest.approx(100.0, abs=0.6), share
     assert float(re.search(r"^  total +([\d.]+)%", out, re.M)[1]) == pytest.approx(100.0, abs=0.05)

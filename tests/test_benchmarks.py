@@ -23,8 +23,9 @@ SMALL = ["--model.size", "size1M", "--data.batch_size", "2", "--data.sequence_le
 
 @pytest.mark.parametrize(
     "benchmark, objective",
-    [("dmc", "barlow"), ("dmc_subtle", "reconstruction"), ("dmc_distracting", "mudreamer"), ("atari100k", "barlow"),
-     ("metaworld", "none")],
+    [("dmc", "barlow"), *(pytest.param(*case, marks=pytest.mark.slow)  # the main config by default; each suite's under -m slow
+                          for case in [("dmc_subtle", "reconstruction"), ("dmc_distracting", "mudreamer"),
+                                       ("atari100k", "barlow"), ("metaworld", "none")])],
 )
 def test_benchmark_config_fits_and_logs(tmp_path, benchmark, objective):
     config = REPO / f"configs/{benchmark}.yaml"

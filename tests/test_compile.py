@@ -2,10 +2,11 @@
 
 - Dynamo traces the loss of every objective, for both action kinds, as one graph (no graph break).
 - Compiled (inductor, `fullgraph=True`) and eager give the same losses and gradients within
-  float32 reordering error (every objective and both action kinds by default, all eight pairs with -m slow): the same random draws are made (`fallback_random`), so any
-  difference is the compiler's.
+  float32 reordering error, in both compile scopes (the cases are listed below): the same random
+  draws are made (`fallback_random`), so any difference is the compiler's.
 - torch.profiler sees no host sync in one training batch (eager and compiled).
-- A compiled Trainer fit through the CLI runs, checkpoints and resumes.
+- A compiled Trainer fit through the CLI runs, checkpoints and resumes, never compiles after its
+  first update, and trains eagerly when the compile fails.
 Models are tiny (a test-only size preset, 16x16 images) to keep compilation short.
 """
 
@@ -35,11 +36,20 @@ SHAPES = {"image": (16, 16, 3), "vec": (5,)}
 ACTIONS = 3
 COMBINATIONS = [(name, discrete) for name in OBJECTIVES for discrete in (False, True)]
 IDS = [f"{name}-{'discrete' if discrete else 'continuous'}" for name, discrete in COMBINATIONS]
-# Each compiled-vs-eager case compiles its own update (15-45 s on 2 cores): the default suite compiles
-# every objective once and both action kinds; the other four pairs run under -m slow.
-DEFAULT_COMPILED = {("barlow", False), ("reconstruction", True), ("mudreamer", False), ("none", True)}
-COMPILED_CASES = [pytest.param(*case, id=name, marks=() if case in DEFAULT_COMPILED else pytest.mark.slow)
-                  for case, name in zip(COMBINATIONS, IDS)]
+# Tracing and counting syncs take a few seconds per pair: two pairs (both action kinds) by default, all with -m slow.
+TRACED = [pytest.param(*case, id=name, marks=() if case in {("barlow", False), ("reconstruction", True)} else pytest.mark.slow)
+          for case, name in zip(COMBINATIONS, IDS)]
+# Each compiled-vs-eager case compiles its own update (15-70 s on 2 cores): the default suite compiles
+# the default path (barlow, continuous actions, regions); -m slow compiles every objective once in
+# regions and the four original ones in one graph ("update"), both action kinds in each scope.
+DEFAULT_COMPILED = ("barlow", False, "regions")
+ONCE_EACH = {("barlow", False), ("reconstruction", True), ("mudreamer", False), ("none", True), ("infonce", True),
+             ("dreamerpro", False)}
+SINGLE_GRAPH = {("barlow", False), ("reconstruction", True), ("mudreamer", False), ("none", True)}
+COMPILED_CASES = [pytest.param(*case, scope, id=f"{name}-{scope}",
+                               marks=() if (*case, scope) == DEFAULT_COMPILED else pytest.mark.slow)
+                  for scope, cases in (("regions", ONCE_EACH), ("update", SINGLE_GRAPH))
+                  for case, name in zip(COMBINATIONS, IDS) if case in cases]
 # float32 sums reordered by the compiler, through the recurrences and their backward
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -65,7 +75,7 @@ def loss_and_grads(agent: Agent, losses, data) -> tuple[dict[str, torch.Tensor],
     return {k: v.detach() for k, v in metrics.items()}, grads
 
 
-@pytest.mark.parametrize(("objective", "discrete"), COMBINATIONS, ids=IDS)
+@pytest.mark.parametrize(("objective", "discrete"), TRACED)
 def test_the_loss_traces_as_one_graph(monkeypatch, objective, discrete):
     agent = tiny_agent(monkeypatch, objective, discrete)
     explained = torch._dynamo.explain(agent.losses)(batch(discrete))
@@ -73,8 +83,7 @@ def test_the_loss_traces_as_one_graph(monkeypatch, objective, discrete):
     assert explained.graph_count == 1
 
 
-@pytest.mark.parametrize("scope", ["regions", "update"])
-@pytest.mark.parametrize(("objective", "discrete"), COMPILED_CASES)
+@pytest.mark.parametrize(("objective", "discrete", "scope"), COMPILED_CASES)
 def test_compiled_losses_and_gradients_equal_eager(monkeypatch, objective, discrete, scope):
     """Both compile scopes: the repeated blocks (the default) and the whole update as one graph."""
     eager_agent = tiny_agent(monkeypatch, objective, discrete)
@@ -125,7 +134,7 @@ def profile_update(agent: Agent, discrete: bool) -> ProfileBatch:
     return profiler
 
 
-@pytest.mark.parametrize(("objective", "discrete"), COMBINATIONS, ids=IDS)
+@pytest.mark.parametrize(("objective", "discrete"), TRACED)
 def test_an_update_makes_no_host_sync(monkeypatch, objective, discrete):
     counts = profile_update(tiny_agent(monkeypatch, objective, discrete), discrete).counts
     assert counts.syncs == {}, counts.syncs
@@ -138,6 +147,7 @@ def test_a_compiled_update_makes_no_host_sync(monkeypatch):
     assert counts.syncs == {}, counts.syncs
 
 
+@pytest.mark.slow  # a compile of its own, about 40 s
 def test_a_compiled_fit_runs_and_resumes(tmp_path, monkeypatch):
     """The real CLI fit with --model.compile true (the tiny size, 3-step sequences), then a
     resume of it: the compiled update trains, checkpoints and continues the same run."""
@@ -172,6 +182,7 @@ class GraphCount(L.Callback):
         self.after.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+@pytest.mark.slow  # a compiled fit, about 25 s
 def test_after_its_first_update_a_compiled_fit_never_compiles_again(tmp_path, monkeypatch):
     """Everything the compiled regions see is the same from the first update on (shapes, grad
     modes, the benchmark's recorder outside the graphs); acting and evaluating run eager."""

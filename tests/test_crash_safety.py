@@ -133,6 +133,7 @@ def soak(tmp_path: Path, kills: int, total_steps: int, seed: int) -> None:
     assert len(steps) == len(set(steps)) and steps == sorted(steps)
 
 
+@pytest.mark.slow  # about 2 min of real kills
 def test_soak_sigkill_at_random_moments_and_during_writes(tmp_path):
     soak(tmp_path, kills=10, total_steps=400, seed=0)
 
@@ -143,6 +144,7 @@ def test_soak_long(tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["SIGTERM", "SIGINT", "SIGUSR1"])
+@pytest.mark.slow  # a fit, a signal and a resume each, about 25 s
 def test_a_stop_signal_writes_a_final_checkpoint_that_resumes(tmp_path, signum):
     run_dir = tmp_path / "tiny"
     last = run_dir / "checkpoints/last.ckpt"
@@ -176,6 +178,7 @@ def worker_pids(pid: int) -> list[int]:
     return [int(c) for c in children if Path(f"/proc/{c}/cmdline").read_bytes() == command]
 
 
+@pytest.mark.slow  # a fit with worker processes, about 45 s
 def test_a_killed_env_worker_is_restarted_and_the_run_goes_on(tmp_path):
     run_dir = tmp_path / "tiny"
     process = start(tmp_path, "--env.num_envs", "2", "--env.total_steps", "400", "--run.checkpoint_every", "40")
@@ -191,6 +194,7 @@ def test_a_killed_env_worker_is_restarted_and_the_run_goes_on(tmp_path):
     assert counters(run_dir / "checkpoints/last.ckpt")[0] >= 400
 
 
+@pytest.mark.slow  # several CLI commands on one run, about 40 s
 def test_refused_and_read_only_commands_leave_a_finished_run_alone(tmp_path):
     process = start(tmp_path, "--env.total_steps", "24")
     assert wait(process, tmp_path) == 0

@@ -32,6 +32,7 @@ def test_observes_the_suite_state_vector_and_truncates_at_1000_frames():
     assert env.render().shape == (64, 64, 3)
 
 
+@pytest.mark.slow  # a suite's fit
 @pytest.mark.parametrize("objective", ["barlow", "reconstruction"])
 def test_a_short_fit_from_states_logs_to_mlflow(tmp_path, objective):
     """The state vector goes through the encoder's MLP path, and for reconstruction the decoder's."""

@@ -37,6 +37,7 @@ def trained(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # evaluation episodes with videos
 def test_test_logs_its_episodes_into_the_run_and_leaves_it_finished(trained, tmp_path):
     run_dir = trained / "tiny"
     client = MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")

@@ -15,6 +15,7 @@ from wm.cli import main  # noqa: E402
 from wm.envs import make_env  # noqa: E402
 
 
+@pytest.mark.slow  # whole 1000-step episodes
 def test_a_9x9_maze_from_pixels_with_1000_step_episodes():
     env = make_env("memory_maze-9x9", action_repeat=1, seed=0)
     obs, _ = env.reset(seed=0)

@@ -56,6 +56,7 @@ def test_camera_moved_and_image_flipped():
     env.close()
 
 
+@pytest.mark.slow  # whole 500-frame episodes
 def test_success_is_sticky_and_episodes_last_500_frames():
     """The scripted reach policy reaches the goal; success then stays set for the rest of the
     episode, which is truncated (never terminated) after 250 agent steps at action repeat 2."""

@@ -24,6 +24,7 @@ def test_stored_without_outputs(path):
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
 
 
+@pytest.mark.slow  # each notebook runs real fits, 20-60 s
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_runs_end_to_end(path, tmp_path, monkeypatch):
     monkeypatch.setenv("WM_NOTEBOOK_QUICK", "1")

@@ -60,6 +60,7 @@ def test_the_collected_state_is_the_simulators(catch):
     assert catch.groups == {"ball": 2, "paddle": 1} and catch.info["discrete"] and catch.info["action_dim"] == 3
 
 
+@pytest.mark.slow  # a DMC collection
 def test_the_collected_state_of_a_dmc_task_replays_in_the_simulator(tmp_path):
     """cartpole: the recorded qpos and qvel of an episode are what the simulator holds when the
     recorded actions are played again from the same seed."""
@@ -117,6 +118,7 @@ def test_offline_training_lowers_the_held_out_loss_and_is_a_run(offline):
                     "--ckpt_path", "last", "--model.optimizer.lr", "1e-3"])
 
 
+@pytest.mark.slow  # probes and rollouts
 def test_probe_eval_logs_into_the_checkpoints_run_and_the_rollout_degrades_with_the_horizon(offline, catch, capsys):
     checkpoint = offline / "catch-barlow-s0/checkpoints/last.ckpt"
     eval_main(["--ckpt", str(checkpoint), "--data", str(catch.folder), "--observe", "1", "--horizon", "5"])
@@ -148,6 +150,7 @@ def test_anchors_span_the_scale_from_noise_to_the_true_state(catch, tmp_path):
     assert 0.05 < runs["untrained"]["probe/overall/r2"] < runs["true"]["probe/overall/r2"]
 
 
+@pytest.mark.slow  # a fit, then probes
 def test_a_fits_checkpoint_is_probed_in_its_own_run(catch, tmp_path):
     fit_main(["fit", *TINY, "--run.root", str(tmp_path), "--env.total_steps", "24"])
     checkpoint = tmp_path / "tiny/checkpoints/last.ckpt"

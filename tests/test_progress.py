@@ -18,6 +18,7 @@ from wm.durations import format_duration
 SHOWN = ("--trainer.enable_progress_bar", "true", "--env.prefill", "200", "--env.eval_every", "150")
 
 
+@pytest.mark.slow  # a fit in a subprocess with a terminal, about 35 s
 def test_a_finished_fit_shows_frame_bars_and_ends_with_a_summary(tmp_path):
     process = start(tmp_path, *SHOWN, "--env.total_steps", "400")
     assert wait(process, tmp_path) == 0

@@ -149,6 +149,7 @@ def strip_record(checkpoint: Path) -> None:
     os.replace(checkpoint.with_name("old.tmp"), checkpoint)
 
 
+@pytest.mark.slow  # a fit, a resume and a test
 def test_a_run_with_its_own_store_from_an_older_wm_still_resumes_and_tests(tmp_path):
     run_dir = tmp_path / "tiny"
     own = f"sqlite:///{run_dir / 'mlflow.db'}"

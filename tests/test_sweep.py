@@ -138,6 +138,7 @@ def test_slurm_script_runs_one_command_per_array_task(tmp_path):
     assert MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").search_experiments()
 
 
+@pytest.mark.slow  # two parallel fits and a report, about 40 s
 def test_local_sweep_fills_one_experiment(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     code = main(["--config", str(QUICK), "--objectives", "barlow", "barlow_augment", "--seeds", "3", "--root", str(root), "--parallel", "2", "--", *TINY])

@@ -106,6 +106,7 @@ def test_fit_logs_a_run_that_mlflow_reads_back(tmp_path):
     assert state["hyper_parameters"]["size"] == "size1M" and state["global_step"] > 0
 
 
+@pytest.mark.slow  # two fits, about 35 s
 def test_resume_continues_the_same_run_counters_and_buffer(tmp_path):
     fit(tmp_path, "--env.total_steps", "30")
     run_dir = tmp_path / "tiny"
@@ -164,6 +165,7 @@ def test_refuses_to_overwrite_or_load_a_bad_checkpoint(tmp_path):
     assert last.read_bytes() == before[: len(before) // 2]
 
 
+@pytest.mark.slow  # a longer fit, about 20 s
 def test_periodic_checkpoints_at_each_multiple_of_checkpoint_every(tmp_path):
     """--run.checkpoint_every 20: envstep=20/40/60.ckpt and no others. Prefill collects 16
     frames, then each update is followed by one env frame, so update u ends at 16 + u frames."""
@@ -205,6 +207,7 @@ def test_another_logger_is_refused_before_anything_is_made(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # two processes, about 20 s
 def test_two_process_ddp_fit(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     callback = {"class_path": "tests.test_training.ParameterDigests", "init_args": {"directory": str(tmp_path / "digests")}}

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from wm.files import fsync_dir, temporary_sibling
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 class EnvStepMLFlowLogger(MLFlowLogger):
@@ -74,24 +75,22 @@ def create_store(db: Path) -> None:
 
 def ensure_experiment(uri: str, name: str) -> str:
     """The id of experiment `name` in store `uri`, made if it is missing (its artifacts beside a
-    sqlite store) and marked as model training. Runs that start together (a parallel sweep) may
-    both find it missing; the one whose create loses reads the winner's."""
+    sqlite store) and marked as model training: MLflow 3's UI opens an experiment on its GenAI
+    overview unless so marked. Runs that start together (a parallel sweep) may all find it missing;
+    those whose create loses read the winner's, which was made with its tag (no second write)."""
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            experiment_id = client.create_experiment(name, artifact_location=artifact_location(uri))
+            return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except Exception:  # noqa: BLE001 - another run created it first (a unique-name error)
             found = client.get_experiment_by_name(name)
             if found is None:
                 raise
-            experiment_id = found.experiment_id
-    else:
-        experiment_id = found.experiment_id
-    # MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model
-    # training; so marked, it opens on the runs table and their charts.
-    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
-    return experiment_id
+    if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:  # made by an older wm or by hand
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return found.experiment_id
 
 
 def tracking_uri(configured: str, root: Path, run_dir: Path) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import sys
 import tempfile
 import time
@@ -78,6 +79,7 @@ class FitTimer(L.Callback):
         self.result: dict | None = None
         self.batches = 0  # updates run, warm-up included
         self.updates = 0  # measured updates
+        self.update_seconds: list[float] = []  # each measured update's wall time
         self.marks: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -129,6 +131,7 @@ class FitTimer(L.Callback):
         _sync(pl_module.device)
         now = time.perf_counter()
         self.recorder["update"] += now - self.batch_start
+        self.update_seconds.append(now - self.batch_start)
         self.updates += 1
         if now - self.marks["start"] >= self.seconds:
             trainer.should_stop = True
@@ -151,7 +154,7 @@ class FitTimer(L.Callback):
             "env_start": getattr(self, "env_start", float("nan")), "workers": getattr(self, "workers", None),
             "warmup": self.marks["start"] - self.marks["train_start"],
             "wall": end - self.marks["start"], "frames": loop.env_steps - self.start_frames, "updates": self.updates,
-            "phases": dict(self.recorder),
+            "phases": dict(self.recorder), "update_seconds": list(self.update_seconds),
             "graphs": (self.start_graphs, torch._dynamo.utils.counters["stats"]["unique_graphs"] - self.start_graphs),
         }
         self.recorder = None
@@ -195,6 +198,9 @@ def report(result: dict) -> str:
         "(a graph compiled during it is a recompile)",
         f"env frames/s: {result['frames'] / wall:.2f}",
         f"updates/s: {result['updates'] / wall:.3f}",
+        f"seconds per update: median {statistics.median(result['update_seconds']):.3f} (min "
+        f"{min(result['update_seconds']):.3f}, max {max(result['update_seconds']):.3f}; the figure `wm.bench update` "
+        "measures in isolation)",
         "share of wall time:",
     ]
     seconds = shares(result)
