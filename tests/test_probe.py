@@ -100,6 +100,13 @@ def test_ridge_recovers_a_known_linear_map_and_nothing_from_noise():
     t, p = y[held].double(), probe.predict_standardised(x[held]) * probe.y_scale + probe.y_mean
     expected = 1 - ((t - p) ** 2).sum().item() / ((t - t.mean(0)) ** 2).sum().item()
     assert float(r2_score(t, p)) == pytest.approx(expected)
+    # A target that does not vary has no R²: exactly constant, or constant up to rounding (a contact
+    # group that is 0 at every step of a late horizon gave -8e31 before this was caught).
+    constant = torch.zeros(100, 2, dtype=torch.float64)
+    assert torch.isnan(r2_score(constant, torch.randn(100, 2, dtype=torch.float64)))
+    assert torch.isnan(r2_score(constant + 1e-17 * torch.randn(100, 2, dtype=torch.float64), constant))
+    small = 1e-3 * torch.randn(100, 2, dtype=torch.float64)  # small, but varying: scored
+    assert float(r2_score(small, small)) == 1.0
 
 
 def test_offline_training_lowers_the_held_out_loss_and_is_a_run(offline):
@@ -161,3 +168,31 @@ def test_a_fits_checkpoint_is_probed_in_its_own_run(catch, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert run.data.metrics["probe/overall/r2"] == pytest.approx(result.overall(), abs=1e-3)
+
+
+def test_a_run_probed_again_is_reported_from_its_latest_evaluation(tmp_path):
+    """`wm.probe eval` on a run it already probed logs every horizon again; the report reads the last."""
+    from mlflow.entities import Metric
+
+    from wm.logger import create_store, sqlite_uri
+    from wm.probe.report import latest_curve
+
+    create_store(tmp_path / "mlflow.db")
+    client = MlflowClient(sqlite_uri(tmp_path / "mlflow.db"))
+    run_id = client.create_run(client.create_experiment("probed")).info.run_id
+    first = [Metric("probe/rollout/contact/r2", value, 1000, k) for k, value in enumerate([0.5, 0.4, -8e31])]
+    second = [Metric("probe/rollout/contact/r2", value, 2000, k) for k, value in enumerate([0.5, 0.4, float("nan")])]
+    client.log_batch(run_id, metrics=first)
+    client.log_batch(run_id, metrics=second)
+    curve = latest_curve(client, run_id, "probe/rollout/contact/r2")
+    assert len(curve) == 3 and curve[:2].tolist() == [0.5, 0.4] and np.isnan(curve[2])
+
+
+def test_the_open_loop_mean_keeps_the_same_groups_at_every_horizon():
+    """A group without an R² late in the rollouts leaves the whole mean curve, so it does not jump."""
+    from wm.probe.report import ProbedRun, overall_curve
+
+    rollout = {"position": np.array([0.6, 0.5, 0.4]), "velocity": np.array([0.4, 0.3, 0.2]),
+               "contact": np.array([0.0, 0.0, np.nan]), "never_varies": np.full(3, np.nan)}
+    curve = overall_curve(ProbedRun("run", "data", "barlow", 0, {}, rollout))
+    np.testing.assert_allclose(curve, [0.5, 0.4, 0.3])

@@ -52,6 +52,16 @@ def is_probe_experiment(client: MlflowClient, experiment_id: str) -> bool:
     return bool(runs)
 
 
+def latest_curve(client: MlflowClient, run_id: str, key: str) -> np.ndarray:
+    """A rollout curve (the horizon as the step) from its latest evaluation: a run probed again
+    holds each horizon's point of every evaluation, and the last written is the one that counts."""
+    latest: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, key):
+        if m.step not in latest or m.timestamp >= latest[m.step][0]:
+            latest[m.step] = (m.timestamp, m.value)
+    return np.array([latest[step][1] for step in sorted(latest)])
+
+
 def load_probed_runs(client: MlflowClient, experiment_id: str, skip_tag: str) -> list[ProbedRun]:
     found = []
     for run in client.search_runs([experiment_id], max_results=50_000):
@@ -68,12 +78,11 @@ def load_probed_runs(client: MlflowClient, experiment_id: str, skip_tag: str) ->
         rollout = {}
         for key in metrics:
             if key.startswith("probe/rollout/") and key.endswith("/r2"):
-                points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-                rollout[key.removeprefix("probe/rollout/").removesuffix("/r2")] = np.array([v for _, v in points])
-        reward = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "probe/rollout/reward_mse"))
+                rollout[key.removeprefix("probe/rollout/").removesuffix("/r2")] = latest_curve(client, run.info.run_id, key)
         minutes = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 60000 if "anchor" not in params else np.nan
         found.append(ProbedRun(run.info.run_name, dataset, cell, int(params.get("seed_everything", 0)), r2, rollout,
-                               np.array([v for _, v in reward]), metrics.get("heldout/loss", float("nan")), minutes))
+                               latest_curve(client, run.info.run_id, "probe/rollout/reward_mse"),
+                               metrics.get("heldout/loss", float("nan")), minutes))
     return sorted(found, key=lambda r: (r.dataset, r.anchor, r.cell, r.seed))
 
 
@@ -149,11 +158,15 @@ class ProbeReport:
 
 
 def overall_curve(run: ProbedRun) -> np.ndarray:
-    """A run's open-loop R², the mean over its groups (those that vary: a constant group has none),
-    at each horizon all groups reach."""
+    """A run's open-loop R², the mean over its groups at each horizon all groups reach. The same
+    groups at every horizon: a group without an R² at some horizon (constant there, as a contact
+    that never happens late in the rollouts) is left out of the whole curve, not from that
+    horizon on, which would make the mean jump."""
     length = min(len(curve) for curve in run.rollout.values())
+    curves = [curve[:length] for curve in run.rollout.values()]
+    scored = [curve for curve in curves if np.isfinite(curve).all()]
     with np.errstate(all="ignore"):
-        return np.nanmean([curve[:length] for curve in run.rollout.values()], 0)
+        return np.mean(scored, 0) if scored else np.full(length, np.nan)
 
 
 def summarise(runs: list[ProbedRun], reps: int) -> list[dict]:
