@@ -212,7 +212,7 @@ def plot(rows: list[dict], runs: list[ProbedRun], dataset: str, path: Path) -> N
     bars.set_xticks(np.arange(len(groups)), groups, rotation=25, ha="right")
     bars.set(ylim=(R2_FLOOR, 1.05), ylabel="held-out R² (mean over seeds)", title=f"{dataset}: linear probe by state group")
     bars.axhline(0, color="grey", lw=0.8)
-    bars.legend(fontsize=7, ncol=2)
+    bars.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below the axes: many cells would cover the bars
     for i, row in enumerate(here):
         if row["cell"].startswith("anchor_") or not row["horizon"]:
             continue
