@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from wm.nets import Linear
-from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
+from wm.objectives.base import ObjectiveInputs, ProjectedLatent
 
 
 def standardize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -28,7 +27,7 @@ def barlow_twins_loss(a: torch.Tensor, b: torch.Tensor, off_diagonal: float) -> 
     return on + off_diagonal * off
 
 
-class Barlow(Objective):
+class Barlow(ProjectedLatent):
     """k_t = W feat_t (bias-free projector to the embedding size), loss BT(k_t, sg(e_t)).
 
     The embedding is a detached target: the encoder learns only through the posterior.
@@ -40,11 +39,6 @@ class Barlow(Objective):
         self.scale, self.off_diagonal = scale, off_diagonal
         self.scales = {"barlow": scale}
 
-    def build(self, dims: ModelDims) -> None:
-        self.projector = Linear(dims.feat_dim, dims.embed_dim, bias=False)
-
     def forward(self, inputs: ObjectiveInputs) -> dict[str, torch.Tensor]:
-        feat = inputs.posterior.feat
-        projected = self.projector(feat.reshape(-1, feat.shape[-1]))
-        target = inputs.embed.reshape(-1, inputs.embed.shape[-1]).detach()
+        projected, target = self.projected_and_target(inputs)
         return {"barlow": barlow_twins_loss(projected, target, self.off_diagonal)}

@@ -18,6 +18,7 @@ from torch import nn
 from wm.augment import random_shift
 from wm.decoder import MultiDecoder
 from wm.distributions import POLICY_UNIMIX
+from wm.nets import Linear
 from wm.rssm import State
 from wm.sizes import ModelSize
 
@@ -123,3 +124,18 @@ class Objective(nn.Module):
         params = inspect.signature(type(self).__init__).parameters
         init_args = {name: getattr(self, name) for name in params if name != "self"}
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
+
+
+class ProjectedLatent(Objective):
+    """An objective that compares k_t = W s_t, a bias-free projection of the latent feature to the
+    embedding size, with the detached embedding sg(e_t) (Barlow, InfoNCE): the encoder learns only
+    through the posterior."""
+
+    def build(self, dims: ModelDims) -> None:
+        self.projector = Linear(dims.feat_dim, dims.embed_dim, bias=False)
+
+    def projected_and_target(self, inputs: ObjectiveInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, sg(e)), each flattened to B*T rows."""
+        feat = inputs.posterior.feat
+        projected = self.projector(feat.reshape(-1, feat.shape[-1]))
+        return projected, inputs.embed.reshape(-1, inputs.embed.shape[-1]).detach()

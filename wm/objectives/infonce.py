@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from wm.nets import Linear
-from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
+from wm.objectives.base import ObjectiveInputs, ProjectedLatent
 
 
 def info_nce_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
@@ -30,7 +29,7 @@ def info_nce_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: float 
         return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
-class InfoNCE(Objective):
+class InfoNCE(ProjectedLatent):
     """k_t = W s_t (a bias-free projector to the embedding size, as Barlow's); InfoNCE between the
     B x T projections and the detached embeddings sg(e_t), scale 1, no augmentation.
 
@@ -45,11 +44,6 @@ class InfoNCE(Objective):
         self.scale, self.normalize, self.temperature = scale, normalize, temperature
         self.scales = {"infonce": scale}
 
-    def build(self, dims: ModelDims) -> None:
-        self.projector = Linear(dims.feat_dim, dims.embed_dim, bias=False)
-
     def forward(self, inputs: ObjectiveInputs) -> dict[str, torch.Tensor]:
-        feat = inputs.posterior.feat
-        projected = self.projector(feat.reshape(-1, feat.shape[-1]))
-        target = inputs.embed.reshape(-1, inputs.embed.shape[-1]).detach()
+        projected, target = self.projected_and_target(inputs)
         return {"infonce": info_nce_loss(projected, target, self.temperature if self.normalize else None)}
