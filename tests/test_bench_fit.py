@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def test_fit_benchmark_reports_shares_that_add_up(tmp_path, monkeypatch, capsys,
     median, low, high = (float(per_update[i]) for i in (1, 2, 3))
     update_share = float(re.search(r"^  updates +[\d.]+%  +([\d.]+) s", out, re.M)[1])
     assert 0 < low <= median <= high and low * updates <= update_share + 0.01 <= high * updates + 0.02
+    assert re.search(r"^per update \(median\): [\d,]+ page faults, CPU [\d.]+ s user \+ [\d.]+ s system", out, re.M), out
+    if sys.platform.startswith("linux"):  # glibc: the fit keeps freed memory, as `python -m wm fit` does
+        assert re.search(r"threads 1  freed memory kept in the process$", out, re.M), out
     share = {name: float(re.search(rf"^  {name} +([\d.]+)%", out, re.M)[1]) for name in NAMES}
     assert sum(share.values()) == pytest.approx(100.0, abs=0.6), share
     assert float(re.search(r"^  total +([\d.]+)%", out, re.M)[1]) == pytest.approx(100.0, abs=0.05)

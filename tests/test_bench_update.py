@@ -24,3 +24,5 @@ def test_bf16_on_a_cpu_without_native_bfloat16_is_measured_in_float32_and_said(m
     assert "precision=bf16-mixed: this device has no native bfloat16" in out and "running in 32-true instead" in out
     assert re.search(r"^objective barlow  size size1M  B=2 T=4  precision 32-true  device cpu", out, re.M), out
     assert "float32 matmul peak" in out
+    assert re.search(r"^per update \(median\): [\d,]+ page faults, CPU [\d.]+ s user \+ [\d.]+ s system "
+                     r"\([\d.]+ cores busy\)$", out, re.M), out

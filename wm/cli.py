@@ -24,6 +24,7 @@ from callbacks.progress import EnvProgressBar, RunSummary
 from datamodules import ReplayDataModule, ReplayFileError, ReplayStore
 from datamodules.replay_buffer import buffer_config
 from wm.agent import Agent
+from wm.allocator import retain_freed_memory
 from wm.envs.base import MissingSimulator
 from wm.objectives import objective_name
 from wm.run_cli import (REFUSALS as RUN_REFUSALS, RUN_ID_FILE, CheckpointError, RunCLI, RunConfig, read_checkpoint,
@@ -188,6 +189,7 @@ REFUSALS = (*RUN_REFUSALS, MissingSimulator)  # a start refused before anything 
 
 
 def main(args: list[str] | None = None) -> None:
+    retain_freed_memory()
     cli = WMCLI(args=args)
     signum = interrupt_signal(cli.trainer)
     if signum is not None:  # interrupted: saved and stopped cleanly, but not finished

@@ -4,6 +4,8 @@ torch.profiler sees in one training batch, and where torch.compile keeps its cac
 from __future__ import annotations
 
 import os
+import resource
+import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -52,6 +54,36 @@ def stop_recording() -> None:
 def _sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
+class ProcessUsage:
+    """This process's wall clock, CPU seconds (all threads) and minor page faults; the difference
+    of two readings is what happened between them."""
+
+    wall: float
+    user: float
+    system: float
+    page_faults: int
+
+    @classmethod
+    def now(cls) -> "ProcessUsage":
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(time.perf_counter(), usage.ru_utime, usage.ru_stime, usage.ru_minflt)
+
+    def __sub__(self, other: "ProcessUsage") -> "ProcessUsage":
+        return ProcessUsage(self.wall - other.wall, self.user - other.user, self.system - other.system,
+                            self.page_faults - other.page_faults)
+
+
+def describe_usage(usages: list[ProcessUsage]) -> str:
+    """Medians over updates: the page faults (fresh memory from the kernel) and CPU time of one."""
+    def median(name: str) -> float:
+        return statistics.median(getattr(u, name) for u in usages)
+
+    cpu = median("user") + median("system")
+    return (f"per update (median): {median('page_faults'):,.0f} page faults, CPU {median('user'):.2f} s user + "
+            f"{median('system'):.2f} s system ({cpu / median('wall'):.2f} cores busy)")
 
 
 COMPILE_CACHE = Path.home() / ".cache" / "wm" / "torch_compile"

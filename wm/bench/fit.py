@@ -37,10 +37,11 @@ import torch
 import callbacks.env_loop as env_loop_module
 from callbacks.checkpoint import EnvStepCheckpoint
 from callbacks.env_loop import EnvLoop
+from wm.allocator import freed_memory_label, retain_freed_memory
 from wm.cli import WMCLI
 from wm.envs import make_vector_env
 from wm.logger import sqlite_uri
-from wm.profiling import phase, start_recording, stop_recording
+from wm.profiling import ProcessUsage, describe_usage, phase, start_recording, stop_recording
 
 # (recorded phase, printed name), in the order printed; "other" is the rest of the wall time.
 SHARES = (
@@ -79,7 +80,7 @@ class FitTimer(L.Callback):
         self.result: dict | None = None
         self.batches = 0  # updates run, warm-up included
         self.updates = 0  # measured updates
-        self.update_seconds: list[float] = []  # each measured update's wall time
+        self.update_usage: list[ProcessUsage] = []  # each measured update's wall time, CPU and page faults
         self.marks: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -122,18 +123,18 @@ class FitTimer(L.Callback):
             self.start_frames = loop.env_steps
             self.start_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         _sync(pl_module.device)
-        self.batch_start = time.perf_counter()
+        self.batch_start = ProcessUsage.now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1
         if self.recorder is None:
             return
         _sync(pl_module.device)
-        now = time.perf_counter()
-        self.recorder["update"] += now - self.batch_start
-        self.update_seconds.append(now - self.batch_start)
+        usage = ProcessUsage.now() - self.batch_start
+        self.recorder["update"] += usage.wall
+        self.update_usage.append(usage)
         self.updates += 1
-        if now - self.marks["start"] >= self.seconds:
+        if time.perf_counter() - self.marks["start"] >= self.seconds:
             trainer.should_stop = True
             self.env_loop(trainer).final_eval = False  # stopped early: no final evaluation to time
 
@@ -154,7 +155,7 @@ class FitTimer(L.Callback):
             "env_start": getattr(self, "env_start", float("nan")), "workers": getattr(self, "workers", None),
             "warmup": self.marks["start"] - self.marks["train_start"],
             "wall": end - self.marks["start"], "frames": loop.env_steps - self.start_frames, "updates": self.updates,
-            "phases": dict(self.recorder), "update_seconds": list(self.update_seconds),
+            "phases": dict(self.recorder), "update_usage": list(self.update_usage),
             "graphs": (self.start_graphs, torch._dynamo.utils.counters["stats"]["unique_graphs"] - self.start_graphs),
         }
         self.recorder = None
@@ -184,10 +185,11 @@ def shares(result: dict) -> dict[str, float]:
 def report(result: dict) -> str:
     wall = result["wall"]
     b, t = result["batch"]
+    seconds_per_update = [usage.wall for usage in result["update_usage"]]
     lines = [
         f"fit benchmark: {result['task']}  {result['size']}  {result['num_envs']} envs  B={b} T={t}  "
         f"train ratio {result['train_ratio']:g}  device {result['device']}  replay on {result['replay_device']}  "
-        f"threads {result['threads']}",
+        f"threads {result['threads']}  freed memory {result['freed_memory']}",
         f"setup: {result['setup']:.1f} s  env start and prefill: {result['prefill']:.1f} s "
         f"({result['prefill_frames']} env frames)  warm-up: {result['warmup']:.1f} s",
         f"env start: {result['env_start']:.1f} s for {result['num_envs']} env{'s' * (result['num_envs'] > 1)}"
@@ -198,9 +200,10 @@ def report(result: dict) -> str:
         "(a graph compiled during it is a recompile)",
         f"env frames/s: {result['frames'] / wall:.2f}",
         f"updates/s: {result['updates'] / wall:.3f}",
-        f"seconds per update: median {statistics.median(result['update_seconds']):.3f} (min "
-        f"{min(result['update_seconds']):.3f}, max {max(result['update_seconds']):.3f}; the figure `wm.bench update` "
+        f"seconds per update: median {statistics.median(seconds_per_update):.3f} (min "
+        f"{min(seconds_per_update):.3f}, max {max(seconds_per_update):.3f}; the figure `wm.bench update` "
         "measures in isolation)",
+        describe_usage(result["update_usage"]),
         "share of wall time:",
     ]
     seconds = shares(result)
@@ -238,6 +241,7 @@ def run(args: argparse.Namespace) -> None:
     """Run and report; extra `--key value` fit options come in `args.overrides` (a list)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    retained = retain_freed_memory()
     timer = FitTimer(args.seconds, args.warmup)
     BenchCLI.timer = timer
     with tempfile.TemporaryDirectory(prefix="wm-bench-fit-") as root:
@@ -254,7 +258,7 @@ def run(args: argparse.Namespace) -> None:
     if timer.result is None:
         print(f"fit benchmark: the fit ended before {args.warmup} warm-up updates; nothing was measured")
         return
-    print(report(timer.result), flush=True)
+    print(report({**timer.result, "freed_memory": freed_memory_label(retained)}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

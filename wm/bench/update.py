@@ -19,8 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from datamodules import ReplayBuffer, ReplayStore
 from wm.agent import Agent
+from wm.allocator import freed_memory_label, retain_freed_memory
 from wm.objectives import OBJECTIVES, make_objective
-from wm.profiling import ProfileBatch, set_compile_cache, start_recording, stop_recording
+from wm.profiling import ProcessUsage, ProfileBatch, describe_usage, set_compile_cache, start_recording, stop_recording
 from wm.sizes import SIZES
 from wm.synthetic import random_batch
 from wm.validation import effective_precision, fallback_message
@@ -41,22 +42,24 @@ class RepeatBatch(IterableDataset):
 
 
 class UpdateTimer(L.Callback):
-    """Wall time and phase times of every training batch."""
+    """Wall time, phase times and process usage (CPU, page faults) of every training batch."""
 
     def __init__(self):
         self.seconds: list[float] = []
         self.phases: list[dict[str, float]] = []
+        self.usage: list[ProcessUsage] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.synchronize()
         self.current = start_recording()
-        self.start = time.perf_counter()
+        self.start = ProcessUsage.now()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
-        self.seconds.append(time.perf_counter() - self.start)
+        self.usage.append(ProcessUsage.now() - self.start)
+        self.seconds.append(self.usage[-1].wall)
         stop_recording()
         self.phases.append(dict(self.current))
 
@@ -103,6 +106,7 @@ def train(agent: Agent, batch: dict[str, torch.Tensor], args: argparse.Namespace
 
 
 def bench_update(args: argparse.Namespace) -> None:
+    retained = retain_freed_memory()
     torch.manual_seed(0)
     precision = effective_precision(PRECISIONS[args.precision], args.device)
     if precision != PRECISIONS[args.precision]:  # the fit's rule: a benchmark measures what a fit would run
@@ -128,10 +132,11 @@ def bench_update(args: argparse.Namespace) -> None:
     median = statistics.median(measured)
     print(f"objective {args.objective}  size {args.size}  B={args.batch} T={args.length}  "
           f"precision {precision}  device {args.device}  threads {torch.get_num_threads()}  "
-          f"{f'compiled ({args.compile_scope})' if args.compile else 'eager'}")
+          f"{f'compiled ({args.compile_scope})' if args.compile else 'eager'}  freed memory {freed_memory_label(retained)}")
     print(agent.parameter_table())
     print(f"median seconds per update: {median:.3f}  (min {min(measured):.3f}, max {max(measured):.3f}, "
           f"{len(measured)} updates after {args.warmup} warm-up)")
+    print(describe_usage(timer.usage[args.warmup : profiled]))
     if args.compile:
         counters = torch._dynamo.utils.counters
         print(f"compile: first update {timer.seconds[0]:.1f} s, i.e. {timer.seconds[0] - median:.1f} s of compilation "

@@ -18,6 +18,7 @@ COMMANDS = ("collect", "train", "eval", "study")
 def main(argv: list[str]) -> int:
     """Imports the commands only when called: worker processes (collect's) import this module as
     their main module, and need none of it."""
+    from wm.allocator import retain_freed_memory
     from wm.probe.commands import collect_main, eval_main, study_main
     from wm.probe.offline import main as train_main
     from wm.run_cli import REFUSALS
@@ -25,6 +26,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m wm.probe {{{','.join(COMMANDS)}}} ...\n{__doc__}", file=sys.stderr)
         return 2
+    retain_freed_memory()
     try:
         dict(zip(COMMANDS, (collect_main, train_main, eval_main, study_main)))[argv[0]](argv[1:])
     except (*REFUSALS, FileNotFoundError) as refusal:  # the message says what is wrong and how to fix it
