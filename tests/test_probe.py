@@ -190,9 +190,35 @@ def test_a_run_probed_again_is_reported_from_its_latest_evaluation(tmp_path):
 
 def test_the_open_loop_mean_keeps_the_same_groups_at_every_horizon():
     """A group without an R² late in the rollouts leaves the whole mean curve, so it does not jump."""
-    from wm.probe.report import ProbedRun, overall_curve
+    from wm.probe.evaluate import overall_curve
 
     rollout = {"position": np.array([0.6, 0.5, 0.4]), "velocity": np.array([0.4, 0.3, 0.2]),
                "contact": np.array([0.0, 0.0, np.nan]), "never_varies": np.full(3, np.nan)}
-    curve = overall_curve(ProbedRun("run", "data", "barlow", 0, {}, rollout))
+    curve = overall_curve(rollout)
     np.testing.assert_allclose(curve, [0.5, 0.4, 0.3])
+
+
+@pytest.mark.slow  # a study's training runs are subprocesses
+def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, capsys):
+    """More seeds later: the finished run is neither trained nor probed again, so its minutes and
+    its probe stay those of its own training."""
+    import yaml
+
+    from wm.logger import sqlite_uri
+    from wm.probe.commands import runs_of, study_main
+
+    study = {"experiment": "study", "root": str(tmp_path / "runs"), "data": str(catch.folder.parent),
+             "datasets": [{"task": "toy-catch", "name": catch.folder.name, "frames": 3000}],
+             "objectives": ["barlow"], "seeds": [0], "parallel": 1, "train": TRAIN,
+             "eval": ["--observe", "2", "--horizon", "3"]}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    study_main(["--config", str(config)])
+    client = MlflowClient(sqlite_uri(tmp_path / "runs" / "mlflow.db"))
+    (first,) = [r for r in runs_of(client, "study") if r.info.run_name == "catch-barlow-s0"]
+    config.write_text(yaml.safe_dump({**study, "seeds": [0, 1]}))
+    study_main(["--config", str(config)])
+    assert "study study: 2 runs (1 already finished), 1 probed" in capsys.readouterr().out
+    runs = {r.info.run_name: r for r in runs_of(client, "study")}
+    assert runs["catch-barlow-s0"].info.end_time == first.info.end_time
+    assert runs["catch-barlow-s1"].info.status == "FINISHED"

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from mlflow import MlflowClient
@@ -178,9 +177,8 @@ def eval_main(argv: list[str]) -> None:
     print(f"{name} on {dataset.name} ({time.perf_counter() - started:.0f} s): overall R² {result.overall():.3f}; "
           + ", ".join(f"{g} {result.r2['both', g]:.3f}" for g in dataset.groups))
     if result.rollout_r2:
-        print("  imagined, R² at horizon " + ", ".join(
-            f"{k}: {np.mean([curve[k] for curve in result.rollout_r2.values() if len(curve) > k]):.3f}"
-            for k in range(0, len(next(iter(result.rollout_r2.values()))), 5)))
+        curve = evaluate.overall_curve(result.rollout_r2)
+        print("  imagined, R² at horizon " + ", ".join(f"{k}: {curve[k]:.3f}" for k in range(0, len(curve), 5)))
     print(f"  {files[0]}\n  {files[1]}")
     if args.no_log:
         return
@@ -233,11 +231,13 @@ def study_main(argv: list[str]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     create_store(root / "mlflow.db")
     (root / "logs").mkdir(exist_ok=True)
-    failed = run_locally(commands, args.parallel or study.get("parallel", 1), root / "logs")
-    # A study run again (with more objectives or seeds) probes and anchors only what it has not yet.
+    # A study run again (with more objectives or seeds) trains, probes and anchors only what it has
+    # not yet: a finished run is not resumed, which would only move its end (its minutes per run).
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    done = {run.info.run_name: run.data.tags for run in client.search_runs([found.experiment_id], max_results=50_000)}
+    finished = {run.info.run_name for run in runs_of(client, experiment) if run.info.status == "FINISHED"}
+    to_train = [c for c in commands if c[c.index("--run.name") + 1] not in finished]
+    failed = run_locally(to_train, args.parallel or study.get("parallel", 1), root / "logs")
+    done = {run.info.run_name: run.data.tags for run in runs_of(client, experiment)}
     evaluated = {}
     for command in commands:
         name = command[command.index("--run.name") + 1]
@@ -257,8 +257,15 @@ def study_main(argv: list[str]) -> None:
                "seconds": round(time.perf_counter() - started), "failed": failed}
     text = json.dumps(summary, indent=1).encode()
     atomic_write(root / "study.json", lambda f: f.write(text))
-    print(f"study {experiment}: {len(commands)} runs, {len(evaluated)} probed, in {summary['seconds'] / 60:.0f} min; "
+    print(f"study {experiment}: {len(commands)} runs ({len(commands) - len(to_train)} already finished), "
+          f"{len(evaluated)} probed, in {summary['seconds'] / 60:.0f} min; "
           f"report it with: python -m wm.report --experiment {experiment} --tracking-uri {uri} --out reports/{experiment}")
+
+
+def runs_of(client: MlflowClient, experiment: str) -> list:
+    """Every MLflow run of `experiment` (none before it exists)."""
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], max_results=50_000) if found else []
 
 
 def run_eval(argv: list[str]) -> bool:

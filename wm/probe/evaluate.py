@@ -26,7 +26,7 @@ with the horizon as the step.
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +82,18 @@ class ProbeResult:
     def overall(self, feature: str = "both") -> float:
         """The mean R² over the groups."""
         return float(np.nanmean([r2 for (f, _), r2 in self.r2.items() if f == feature]))
+
+
+def overall_curve(rollout: Mapping[str, Sequence[float]]) -> np.ndarray:
+    """The open-loop R² over groups (group -> R² at horizon 0..K): the mean at each horizon all
+    groups reach, over the same groups at every horizon. A group without an R² at some horizon
+    (constant there, as a contact that never happens late in the rollouts) is left out of the
+    whole curve, not from that horizon on, which would make the mean jump."""
+    length = min(len(curve) for curve in rollout.values())
+    curves = [np.asarray(curve[:length], dtype=float) for curve in rollout.values()]
+    scored = [curve for curve in curves if np.isfinite(curve).all()]
+    with np.errstate(all="ignore"):
+        return np.mean(scored, 0) if scored else np.full(length, np.nan)
 
 
 def fit_probes(train: Mapping[str, torch.Tensor], held_out: Mapping[str, torch.Tensor], dataset: ProbeDataset,

@@ -22,6 +22,7 @@ from rliable import metrics as rly_metrics
 
 from wm.inspection import new_figure
 from wm.objectives import objective_name
+from wm.probe.evaluate import overall_curve
 from wm.probe.figures import R2_FLOOR
 
 ANCHOR_ORDER = ("anchor_true", "anchor_untrained", "anchor_noise")
@@ -157,18 +158,6 @@ class ProbeReport:
         return "\n".join(lines)
 
 
-def overall_curve(run: ProbedRun) -> np.ndarray:
-    """A run's open-loop R², the mean over its groups at each horizon all groups reach. The same
-    groups at every horizon: a group without an R² at some horizon (constant there, as a contact
-    that never happens late in the rollouts) is left out of the whole curve, not from that
-    horizon on, which would make the mean jump."""
-    length = min(len(curve) for curve in run.rollout.values())
-    curves = [curve[:length] for curve in run.rollout.values()]
-    scored = [curve for curve in curves if np.isfinite(curve).all()]
-    with np.errstate(all="ignore"):
-        return np.mean(scored, 0) if scored else np.full(length, np.nan)
-
-
 def summarise(runs: list[ProbedRun], reps: int) -> list[dict]:
     """Per dataset and cell: mean and interval over seeds of every number the report shows."""
     rows = []
@@ -179,7 +168,7 @@ def summarise(runs: list[ProbedRun], reps: int) -> list[dict]:
         for cell in cell_order({r.cell for r in here}):
             seeds = [r for r in here if r.cell == cell]
             keys = [*groups, "overall", "overall_deter", "overall_stoch"]
-            curves = [overall_curve(r) for r in seeds if r.rollout]
+            curves = [overall_curve(r.rollout) for r in seeds if r.rollout]
             horizon = {k: interval([c[k] for c in curves if len(c) > k], reps) for k in HORIZONS
                        if any(len(c) > k for c in curves)}
             rows.append({
@@ -216,7 +205,7 @@ def plot(rows: list[dict], runs: list[ProbedRun], dataset: str, path: Path) -> N
     for i, row in enumerate(here):
         if row["cell"].startswith("anchor_") or not row["horizon"]:
             continue
-        per_seed = [overall_curve(r) for r in runs if r.dataset == dataset and r.cell == row["cell"]]
+        per_seed = [overall_curve(r.rollout) for r in runs if r.dataset == dataset and r.cell == row["cell"]]
         for curve in per_seed:  # one thin line per seed under the mean
             curves.plot(np.arange(len(curve)), np.maximum(curve, R2_FLOOR), color=colours(i % 10), lw=0.6, alpha=0.5)
         length = min(len(curve) for curve in per_seed)
