@@ -45,9 +45,13 @@ class UpdateTimer(L.Callback):
     """Wall time, phase times and process usage (CPU, page faults) of every training batch."""
 
     def __init__(self):
-        self.seconds: list[float] = []
         self.phases: list[dict[str, float]] = []
         self.usage: list[ProcessUsage] = []
+
+    @property
+    def seconds(self) -> list[float]:
+        """Each batch's wall time."""
+        return [usage.wall for usage in self.usage]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
@@ -59,7 +63,6 @@ class UpdateTimer(L.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
         self.usage.append(ProcessUsage.now() - self.start)
-        self.seconds.append(self.usage[-1].wall)
         stop_recording()
         self.phases.append(dict(self.current))
 

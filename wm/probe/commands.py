@@ -216,17 +216,18 @@ def study_main(argv: list[str]) -> None:
                                spec.get("heldout_every", 5), spec.get("video_dir")), folder, study.get("workers", 2))
         datasets.append(folder)
     uri = sqlite_uri(root / "mlflow.db")
-    commands = []
+    runs = {}  # run name -> (its dataset folder, its training command)
     for folder in datasets:
         for objective in objectives:
             for seed in seeds:
-                commands.append([sys.executable, "-m", "wm.probe", "train", *study.get("train", []),
-                                 "--config", str(OBJECTIVE_CONFIGS / f"{objective}.yaml"), "--data.dataset", str(folder),
-                                 "--seed_everything", str(seed), "--run.name", run_name(folder.name, objective, seed),
-                                 "--run.root", str(root), "--run.experiment", experiment, "--run.tracking_uri", uri,
-                                 "--ckpt_path", "last"])
+                name = run_name(folder.name, objective, seed)
+                runs[name] = (folder, [sys.executable, "-m", "wm.probe", "train", *study.get("train", []),
+                                       "--config", str(OBJECTIVE_CONFIGS / f"{objective}.yaml"), "--data.dataset",
+                                       str(folder), "--seed_everything", str(seed), "--run.name", name,
+                                       "--run.root", str(root), "--run.experiment", experiment,
+                                       "--run.tracking_uri", uri, "--ckpt_path", "last"])
     if args.dry_run:
-        print("\n".join(shlex.join(c) for c in commands))
+        print("\n".join(shlex.join(command) for _, command in runs.values()))
         return
     root.mkdir(parents=True, exist_ok=True)
     create_store(root / "mlflow.db")
@@ -235,13 +236,11 @@ def study_main(argv: list[str]) -> None:
     # not yet: a finished run is not resumed, which would only move its end (its minutes per run).
     client = MlflowClient(uri)
     finished = {run.info.run_name for run in runs_of(client, experiment) if run.info.status == "FINISHED"}
-    to_train = [c for c in commands if c[c.index("--run.name") + 1] not in finished]
+    to_train = [command for name, (_, command) in runs.items() if name not in finished]
     failed = run_locally(to_train, args.parallel or study.get("parallel", 1), root / "logs")
     done = {run.info.run_name: run.data.tags for run in runs_of(client, experiment)}
     evaluated = {}
-    for command in commands:
-        name = command[command.index("--run.name") + 1]
-        folder = Path(command[command.index("--data.dataset") + 1])
+    for name, (folder, _) in runs.items():
         checkpoint = root / name / "checkpoints" / "last.ckpt"
         if checkpoint.exists() and done.get(name, {}).get(PROBED_TAG) != str(folder.resolve()):
             evaluated[name] = run_eval(["--ckpt", str(checkpoint), "--data", str(folder), *study.get("eval", [])])
@@ -257,7 +256,7 @@ def study_main(argv: list[str]) -> None:
                "seconds": round(time.perf_counter() - started), "failed": failed}
     text = json.dumps(summary, indent=1).encode()
     atomic_write(root / "study.json", lambda f: f.write(text))
-    print(f"study {experiment}: {len(commands)} runs ({len(commands) - len(to_train)} already finished), "
+    print(f"study {experiment}: {len(runs)} runs ({len(runs) - len(to_train)} already finished), "
           f"{len(evaluated)} probed, in {summary['seconds'] / 60:.0f} min; "
           f"report it with: python -m wm.report --experiment {experiment} --tracking-uri {uri} --out reports/{experiment}")
 
