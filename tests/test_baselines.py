@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from tests.test_agent import batch_for, make_agent
+from wm.bench.update import RepeatBatch
 from wm.objectives import DreamerPro, InfoNCE
-from wm.objectives.dreamerpro import cross_entropy, sequence_shift, sinkhorn
+from wm.augment import sequence_shift
+from wm.objectives.dreamerpro import cross_entropy, sinkhorn
 from wm.objectives.infonce import info_nce_loss
 
 
@@ -90,10 +94,11 @@ def test_swapped_temporal_and_norm_losses_against_numpy():
     objective.target_obs_proj.register_forward_hook(lambda m, args, out: captured.update(target=out))
     out = wm.loss(batch_for(agent, batch=3, length=6))
     unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
-    prototypes = unit(objective.prototypes.weight.detach().double().numpy())
+    prototypes = unit(objective.prototypes.detach().double().numpy())
     obs, feat, target = (captured[k].detach().double().numpy() for k in ("obs", "feat", "target"))
-    assert obs.shape == (6, 5, 8), "2 views x 3 sequences, the first of 6 steps left out"
-    obs_logits, feat_logits = unit(obs) @ prototypes.T / 0.1, unit(feat) @ prototypes.T / 0.1
+    assert obs.shape == feat.shape == (6, 6, 8), "2 views x 3 sequences, every step"
+    assert target.shape == (6, 5, 8), "the targets leave the first of 6 steps out"
+    obs_logits, feat_logits = unit(obs[:, 1:]) @ prototypes.T / 0.1, unit(feat[:, 1:]) @ prototypes.T / 0.1
     scores = unit(target) @ prototypes.T
     q = [np_sinkhorn(scores[v * 3:(v + 1) * 3].reshape(-1, 50), 0.05, 3) for v in range(2)]
     o = [obs_logits[v * 3:(v + 1) * 3].reshape(-1, 50) for v in range(2)]
@@ -101,6 +106,7 @@ def test_swapped_temporal_and_norm_losses_against_numpy():
     ce = lambda target, logits: -np.mean((target * np_log_softmax(logits)).sum(-1))  # noqa: E731
     swav = 0.5 * (ce(q[1], o[0]) + ce(q[0], o[1]))
     temp = 0.5 * (ce(q[0], f[0]) + ce(q[1], f[1]))
+    # the norm loss covers every step, the first included (the official code's)
     norm = np.mean((np.linalg.norm(obs, axis=-1) - 1) ** 2) + np.mean((np.linalg.norm(feat, axis=-1) - 1) ** 2)
     assert float(out.terms["swav"]) == pytest.approx(swav, rel=1e-4)
     assert float(out.terms["temp"]) == pytest.approx(temp, rel=1e-4)
@@ -108,29 +114,63 @@ def test_swapped_temporal_and_norm_losses_against_numpy():
     assert objective.scales == {"swav": 1.0, "temp": 1.0, "norm": 1.0}
 
 
-def test_dreamerpro_networks_read_what_the_method_says():
-    """obs_proj reads the online embedding of both views (gradient to the encoder), feat_proj the
-    latent feature of both (gradient to the RSSM), both from the second step on; the target
-    encoder reads the augmented views the online encoder saw, with no gradient."""
+def record_encoder(agent) -> tuple[list, list]:
+    """The world model's encoder's inputs and outputs, call by call."""
+    inputs, outputs = [], []
+    agent.world_model.encoder.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    agent.world_model.encoder.register_forward_hook(lambda m, args, out: outputs.append(out))
+    return inputs, outputs
+
+
+def test_the_world_model_trains_on_the_unshifted_batch_and_the_views_feed_only_the_prototypes():
+    """The official R2-Dreamer code's structure: a clean pass (the batch as replayed) for the KL,
+    reward and continue losses, the imagination starts and the replay context; a second pass over
+    the 2B shifted views for the prototype losses alone."""
     agent = make_agent(DreamerPro(num_prototypes=20, dim=8))
     objective, wm = agent.world_model.objective, agent.world_model
-    inputs = {}
-    for name in ("obs_proj", "feat_proj", "target_encoder", "target_obs_proj"):
-        getattr(objective, name).register_forward_pre_hook(lambda m, args, name=name: inputs.update({name: args[0]}))
-    seen = []
-    wm.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    embeds = []
-    wm.encoder.register_forward_hook(lambda m, args, out: embeds.append(out))
-    out = wm.loss(batch_for(agent, batch=3, length=6))
-    (embed,), (online_input,) = embeds, seen
-    assert embed.shape[:2] == (6, 6), "two views of 3 sequences, observed as one batch"
-    torch.testing.assert_close(inputs["obs_proj"], embed[:, 1:], rtol=0, atol=0)
-    assert inputs["obs_proj"].requires_grad
-    assert inputs["feat_proj"].shape == (6, 5, wm.size.feat_dim) and inputs["feat_proj"].requires_grad
-    torch.testing.assert_close(inputs["feat_proj"][:3], out.posterior.feat[:, 1:], rtol=0, atol=0)
-    assert inputs["target_encoder"] is online_input, "the target network sees exactly the online views"
-    assert not inputs["target_obs_proj"].requires_grad
+    batch = batch_for(agent, batch=3, length=6)
+    inputs, outputs = record_encoder(agent)
+    heads = {}
+    wm.reward.register_forward_pre_hook(lambda m, args: None if "reward" in heads else heads.update(reward=args[0]))
+    wm.cont.register_forward_pre_hook(lambda m, args: None if "continue" in heads else heads.update({"continue": args[0]}))
+    projected = {}
+    for name in ("obs_proj", "feat_proj", "target_encoder"):
+        getattr(objective, name).register_forward_pre_hook(lambda m, args, name=name: projected.update({name: args[0]}))
+    torch.manual_seed(5)  # the clean pass comes first: the same seed gives its latent samples again below
+    out = wm.loss(batch)
+    (clean, views), (clean_embed, views_embed) = inputs, outputs
+    assert torch.equal(clean["image"], batch["image"]), "the first pass sees the batch unshifted"
+    assert views["image"].shape[0] == 6 and not torch.equal(views["image"][:3], batch["image"])
+    torch.manual_seed(5)
+    expected, _, _ = wm.rssm.observe(clean_embed, batch["action"], batch["is_first"])
+    torch.testing.assert_close(out.posterior.feat, expected.feat, rtol=0, atol=0)
+    torch.testing.assert_close(heads["reward"], expected.feat, rtol=0, atol=0)
+    torch.testing.assert_close(heads["continue"], expected.feat, rtol=0, atol=0)
+    torch.testing.assert_close(projected["obs_proj"], views_embed, rtol=0, atol=0)
+    assert projected["obs_proj"].requires_grad and projected["feat_proj"].requires_grad
+    assert projected["feat_proj"].shape == (6, 6, wm.size.feat_dim)
+    assert projected["target_encoder"] is views, "the target network sees exactly the shifted views"
+    # The whole update: imagination starts from the clean posterior (B T starts), the replay gets it back.
+    torch.manual_seed(5)
+    total, _, posterior = agent.losses(batch)
+    torch.testing.assert_close(posterior.deter, out.posterior.deter, rtol=0, atol=0)
+    total.backward()
+    assert objective.prototypes.grad is not None and objective.obs_proj.weight.grad.abs().sum() > 0
+
+
+def test_train_on_views_trains_every_world_model_loss_on_both_views():
+    """DreamerPro's own code: one pass over the two shifted views, every loss on both."""
+    agent = make_agent(DreamerPro(num_prototypes=20, dim=8, train_on_views=True))
+    batch = batch_for(agent, batch=3, length=6)
+    inputs, outputs = record_encoder(agent)
+    heads = []
+    agent.world_model.reward.register_forward_pre_hook(lambda m, args: heads.append(args[0]))
+    out = agent.world_model.loss(batch)
+    (seen,), (embed,) = inputs, outputs
+    assert seen["image"].shape[0] == 6 and embed.shape[:2] == (6, 6)
+    assert heads[0].shape[0] == 6, "the reward loss is taken over both views"
     assert out.posterior.deter.shape[0] == 3, "imagination and the replay go on from the first view"
+    assert not torch.equal(seen["image"][:3], batch["image"])
 
 
 def test_the_ema_target_follows_at_rate_005_only_on_taken_updates():
@@ -139,48 +179,66 @@ def test_the_ema_target_follows_at_rate_005_only_on_taken_updates():
     with torch.no_grad():
         for p in [*agent.world_model.encoder.parameters(), *objective.obs_proj.parameters()]:
             p.add_(torch.randn_like(p))
+        objective.prototypes.mul_(3.0)
     pairs = [*zip(objective.target_encoder.parameters(), agent.world_model.encoder.parameters()),
              *zip(objective.target_obs_proj.parameters(), objective.obs_proj.parameters())]
     before = [(t.detach().clone(), s.detach().clone()) for t, s in pairs]
+    prototypes = objective.prototypes.detach().clone()
     objective.after_update(torch.tensor(False))
     assert all(torch.equal(t, old) for (t, _), (old, _) in zip(pairs, before))
+    assert torch.equal(objective.prototypes, prototypes), "a skipped update changes nothing"
     objective.after_update(torch.tensor(True))
     for (t, _), (old, online) in zip(pairs, before):
         torch.testing.assert_close(t, 0.95 * old + 0.05 * online)
     assert float(objective.updates) == 1.0, "only taken updates count towards the prototypes' freeze"
+    torch.testing.assert_close(objective.prototypes, prototypes / 3.0)
 
 
-def test_the_prototypes_are_frozen_for_the_first_10000_updates():
+def test_the_prototypes_train_from_the_10000th_update_and_keep_unit_length():
+    """Frozen while fewer than 10,000 updates came before the one being made (the official count);
+    after an optimiser step past the freeze their rows are moved, and back at unit length."""
     agent = make_agent(DreamerPro(num_prototypes=20, dim=8))
     objective, wm = agent.world_model.objective, agent.world_model
-    for updates, trains in ((0, False), (9_999, False), (10_000, True)):
+    norms = objective.prototypes.detach().norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones(20))
+    for updates, trains in ((0, False), (9_998, False), (9_999, True)):
         objective.updates.fill_(updates)
         agent.zero_grad(set_to_none=True)
         out = wm.loss(batch_for(agent, batch=3, length=6))
         (out.terms["swav"] + out.terms["temp"]).backward()
-        grad = objective.prototypes.weight.grad
+        grad = objective.prototypes.grad
         assert (grad is not None and grad.abs().sum() > 0) == trains, updates
         assert objective.obs_proj.weight.grad.abs().sum() > 0, "the projections train all along"
+    objective.updates.fill_(10_000)
+    before = objective.prototypes.detach().clone()
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(agent, DataLoader(RepeatBatch(batch_for(agent, batch=3, length=6)), batch_size=None))
+    after = objective.prototypes.detach()
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after.norm(dim=-1), torch.ones(20), rtol=0, atol=1e-6)
 
 
-def test_each_sequence_is_shifted_once_by_at_most_3_pixels():
-    """A bright dot on a dark frame: every step of a sequence moves it by the same vector, of at
-    most 3 pixels per axis, and sequences get their own."""
-    images = torch.zeros(16, 5, 32, 32, 3, dtype=torch.uint8)
+def test_a_shifted_one_pixel_dot_stays_one_pixel_of_the_same_value():
+    """Whole-pixel shifts: a dot moves by the same integer vector at every step of its sequence,
+    at most 3 pixels per axis, and keeps its value; each sequence gets its own vector."""
+    images = torch.zeros(64, 5, 32, 32, 3, dtype=torch.uint8)
     for t in range(5):
-        images[:, t, 10 + t, 12, :] = 255  # the dot moves down one row per step
-    shifted = sequence_shift(images, 3.0, torch.Generator().manual_seed(0))
-    assert shifted.dtype == torch.float32 and shifted.shape == images.shape
-    rows, cols = torch.arange(32.0)[:, None], torch.arange(32.0)[None, :]
-    mass = shifted[..., 0]
-    centre_row = (mass * rows).sum((-1, -2)) / mass.sum((-1, -2))
-    centre_col = (mass * cols).sum((-1, -2)) / mass.sum((-1, -2))
-    move_row = centre_row - (10 + torch.arange(5.0))
-    move_col = centre_col - 12
-    for move in (move_row, move_col):
-        assert (move - move[:, :1]).abs().max() < 1e-4, "one shift for all the steps of a sequence"
-        assert move.abs().max() <= 3.0 + 1e-4
-    assert len({round(float(m), 3) for m in move_col[:, 0]}) > 8, "each sequence its own shift"
+        images[:, t, 10 + t, 12, :] = 200  # the dot moves down one row per step
+    shifted = sequence_shift(images, 3, torch.Generator().manual_seed(0))
+    assert shifted.dtype == torch.uint8 and shifted.shape == images.shape
+    moves = set()
+    for b in range(64):
+        where = [(shifted[b, t, ..., 0] > 0).nonzero() for t in range(5)]
+        assert all(len(w) == 1 for w in where), "one pixel stays one pixel"
+        assert all(int(shifted[b, t, w[0, 0], w[0, 1], 0]) == 200 for t, w in enumerate(where)), "of the same value"
+        vectors = {(int(w[0, 0]) - 10 - t, int(w[0, 1]) - 12) for t, w in enumerate(where)}
+        assert len(vectors) == 1, "one shift for all the steps of a sequence"
+        (move,) = vectors
+        assert max(abs(move[0]), abs(move[1])) <= 3
+        moves.add(move)
+    assert len(moves) > 20, "each sequence its own shift"
+    assert {dy for dy, _ in moves} == {dx for _, dx in moves} == set(range(-3, 4))
 
 
 def test_both_baselines_fit_in_a_world_model_and_are_named_everywhere():

@@ -198,6 +198,16 @@ def test_the_open_loop_mean_keeps_the_same_groups_at_every_horizon():
     np.testing.assert_allclose(curve, [0.5, 0.4, 0.3])
 
 
+def test_probe_help_exits_0_and_a_missing_command_exits_2():
+    import subprocess
+    import sys
+
+    helped = subprocess.run([sys.executable, "-m", "wm.probe", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert helped.returncode == 0 and "usage: python -m wm.probe" in helped.stdout
+    missing = subprocess.run([sys.executable, "-m", "wm.probe"], capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2 and "usage: python -m wm.probe" in missing.stderr
+
+
 @pytest.mark.slow  # a study's training runs are subprocesses
 def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, capsys):
     """More seeds later: the finished run is neither trained nor probed again, so its minutes and
@@ -218,7 +228,9 @@ def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, c
     (first,) = [r for r in runs_of(client, "study") if r.info.run_name == "catch-barlow-s0"]
     config.write_text(yaml.safe_dump({**study, "seeds": [0, 1]}))
     study_main(["--config", str(config)])
-    assert "study study: 2 runs (1 already finished), 1 probed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "study study: 2 runs (1 already finished), 1 probed" in printed
+    assert f"--out {tmp_path / 'runs' / 'report'}" in printed, "the report goes under the study's root, not the checkout"
     runs = {r.info.run_name: r for r in runs_of(client, "study")}
     assert runs["catch-barlow-s0"].info.end_time == first.info.end_time
     assert runs["catch-barlow-s1"].info.status == "FINISHED"

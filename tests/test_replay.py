@@ -11,7 +11,7 @@ import torch
 
 from datamodules import ReplayBuffer, ReplayDataModule
 from wm.agent import Agent
-from wm.augment import random_shift
+from wm.augment import sequence_shift
 from wm.objectives import Barlow
 from wm.sizes import model_size
 
@@ -335,18 +335,20 @@ def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return images[..., rows[:, None], cols[None, :], :]
 
 
-def test_random_shift_moves_each_image_by_its_own_offset_with_replicated_edges():
-    pad = 4
-    images = torch.randint(0, 256, (3, 100, 12, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = random_shift(images, pad, generator=torch.Generator().manual_seed(1))
+def test_sequence_shift_moves_each_sequence_by_its_own_offset_with_replicated_edges():
+    pad = 3
+    images = torch.randint(0, 256, (60, 4, 12, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = sequence_shift(images, pad, generator=torch.Generator().manual_seed(1))
     assert out.shape == images.shape and out.dtype == torch.uint8
-    assert torch.equal(out, random_shift(images, pad, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(out, sequence_shift(images, pad, generator=torch.Generator().manual_seed(1)))
     offsets = [(dy, dx) for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1)]
-    candidates = torch.stack([shifted(images, dy, dx) for dy, dx in offsets])  # (81, 3, 100, H, W, C)
-    matches = (candidates == out).flatten(3).all(-1)  # (81, 3, 100): which offsets give each output
+    candidates = torch.stack([shifted(images, dy, dx) for dy, dx in offsets])  # (49, 60, 4, H, W, C)
+    matches = (candidates == out).flatten(3).all(-1)  # (49, 60, 4): which offsets give each output
     assert (matches.sum(0) == 1).all(), "every output is its input shifted by exactly one offset"
-    drawn = [offsets[k] for k in matches.int().argmax(0).flatten().tolist()]
+    drawn = matches.int().argmax(0)  # (60, 4)
+    assert (drawn == drawn[:, :1]).all(), "one offset for every step of a sequence"
+    drawn = [offsets[k] for k in drawn[:, 0].tolist()]
     assert {dy for dy, _ in drawn} == {dx for _, dx in drawn} == set(range(-pad, pad + 1))
-    assert len(set(drawn)) > 60, "offsets are drawn per image, over the whole square"
-    floats = random_shift(images.float() / 255, pad, generator=torch.Generator().manual_seed(1))
+    assert len(set(drawn)) > 25, "offsets are drawn per sequence, over the whole square"
+    floats = sequence_shift(images.float() / 255, pad, generator=torch.Generator().manual_seed(1))
     assert floats.dtype == torch.float32 and torch.equal(floats, out / 255), "the same shift for any dtype"

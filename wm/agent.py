@@ -395,8 +395,10 @@ class Agent(L.LightningModule):
         wm, ac = self.world_model, self.actor_critic
         modules = {"encoder": wm.encoder, "rssm": wm.rssm, "reward": wm.reward, "continue": wm.cont}
         modules.update(dict(wm.objective.named_children()))
+        modules.update(wm.objective.named_parameters(recurse=False))  # a parameter of its own (DreamerPro's prototypes)
         modules.update({"actor": ac.actor, "critic": ac.critic})
-        counts = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in modules.items()}
+        counts = {name: sum(p.numel() for p in ([m] if isinstance(m, nn.Parameter) else m.parameters()) if p.requires_grad)
+                  for name, m in modules.items()}
         return {name: n for name, n in counts.items() if n}
 
     def parameter_table(self) -> str:

@@ -11,7 +11,7 @@ import torch
 from wm.distributions import POLICY_UNIMIX, TwoHot, categorical_kl, continue_loss, symexp_bins
 from wm.encoder import MultiEncoder
 from wm.nets import Head
-from wm.objectives import ModelDims, Objective, ObjectiveInputs
+from wm.objectives import ModelDims, Objective, ObjectiveInputs, ObservedViews
 from wm.profiling import phase
 from wm.rssm import RSSM, State
 from wm.sizes import ModelSize
@@ -46,6 +46,16 @@ def kl_losses(post_logits: torch.Tensor, prior_logits: torch.Tensor, free_nats: 
     dyn = categorical_kl(post_logits.detach(), prior_logits)
     rep = categorical_kl(post_logits, prior_logits.detach())
     return dyn.clamp(min=free_nats), rep.clamp(min=free_nats)
+
+
+def repeat_views(batch: Mapping[str, torch.Tensor], initial: State | None,
+                 views: int) -> tuple[Mapping[str, torch.Tensor], State | None]:
+    """The batch's actions, rewards and flags and the initial state, repeated for V views of
+    every sequence (view v is rows v B .. (v + 1) B)."""
+    if views == 1:
+        return batch, initial
+    batch = {k: torch.cat([batch[k]] * views) for k in ("action", "reward", "is_first", "is_last", "is_terminal")}
+    return batch, initial.map(lambda x: torch.cat([x] * views)) if initial is not None else None
 
 
 class WorldModel(L.LightningModule):
@@ -85,27 +95,35 @@ class WorldModel(L.LightningModule):
     def predict_continue(self, feat: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.cont(feat).squeeze(-1).float())
 
+    def observe(self, obs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],
+                initial: State | None) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
+        """The encoder and the RSSM over (N, T) observations whose N is a multiple of the batch's
+        B (V views of every sequence): embed, posterior, and the posterior and prior logits."""
+        batch, initial = repeat_views(batch, initial, next(iter(obs.values())).shape[0] // batch["reward"].shape[0])
+        with phase("encode"):
+            embed = self.encoder(obs)
+        with phase("observe"):
+            post, post_logits, prior_logits = self.rssm.observe(embed, batch["action"], batch["is_first"], initial)
+        return embed, post, post_logits, prior_logits
+
     def loss(self, batch: Mapping[str, torch.Tensor], initial: State | None = None) -> WorldModelOutput:
         """World-model loss of docs/algorithm.md §1 on a batch of (B, T) tensors.
 
         The batch holds the observation keys, `action` (B, T, A) aligned so that action[t] led to
         observation t, `reward`, `is_first`, `is_last` and `is_terminal`. `initial` is the latent
-        state before the first step (replay context); zeros when None. An objective whose encoder
-        input holds V views of each sequence (V B sequences) has them all observed and scored;
-        the posterior returned is the first view's (B, T).
+        state before the first step (replay context); zeros when None. The losses are taken on
+        what the objective's `encoder_input` gives: the batch, or V views of every sequence (V B
+        sequences, all observed and scored; the posterior returned is the first view's (B, T)).
+        An objective that asks for `views` gets them observed in a second pass of their own.
         """
         obs = self.encoder.select(batch)
         seen = self.objective.encoder_input(obs, self.encoder.image_keys)
         batch_size = batch["reward"].shape[0]
         views = next(iter(seen.values())).shape[0] // batch_size
-        if views > 1:  # the objective observes several views of every sequence (DreamerPro: two augmentations)
-            batch = {k: torch.cat([batch[k]] * views) for k in ("action", "reward", "is_first", "is_last", "is_terminal")}
+        if views > 1:  # the world model trains on several views of every sequence (DreamerPro's own code)
+            batch, initial = repeat_views(batch, initial, views)
             obs = {k: torch.cat([v] * views) for k, v in obs.items()}
-            initial = initial.map(lambda x: torch.cat([x] * views)) if initial is not None else None
-        with phase("encode"):
-            embed = self.encoder(seen)
-        with phase("observe"):
-            post, post_logits, prior_logits = self.rssm.observe(embed, batch["action"], batch["is_first"], initial)
+        embed, post, post_logits, prior_logits = self.observe(seen, batch, initial)
         dyn, rep = kl_losses(post_logits, prior_logits, self.config.free_nats)
         feat = post.feat
         cont = self.continue_target(batch["is_terminal"])
@@ -117,11 +135,17 @@ class WorldModel(L.LightningModule):
         }
         loss = self.kl_dyn * terms["dyn"] + self.kl_rep * terms["rep"]
         loss = loss + self.config.pred_scale * (terms["reward"] + terms["continue"])
+        extra = self.objective.views(obs, self.encoder.image_keys)
+        if extra is not None:  # a second pass over augmented views, for the objective alone
+            extra_embed, extra_post, _, _ = self.observe(extra, batch, initial)
+            observed_views = ObservedViews(extra, extra_embed, extra_post)
+        else:
+            observed_views = ObservedViews(seen, embed, post) if views > 1 else None
         initial = initial if initial is not None else self.rssm.initial(feat.shape[0], feat.device)
         prev_feat = torch.cat([initial.feat[:, None].to(feat.dtype), feat[:, :-1]], 1)
         inputs = ObjectiveInputs(
             obs, embed, post, prev_feat, batch["action"], batch["reward"].float(), cont, batch["is_first"], batch["is_last"],
-            seen,
+            observed_views,
         )
         with phase("objective"):
             objective_terms = self.objective.losses(inputs)

@@ -5,7 +5,7 @@ A new objective is one new file with a subclass of `Objective`.
 """
 
 from wm.objectives.barlow import Barlow
-from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
+from wm.objectives.base import ModelDims, Objective, ObjectiveInputs, ObservedViews
 from wm.objectives.dreamerpro import DreamerPro
 from wm.objectives.infonce import InfoNCE
 from wm.objectives.mudreamer import MuDreamer
@@ -38,4 +38,4 @@ def make_objective(name: str, **kwargs) -> Objective:
 
 
 __all__ = ["Barlow", "DEFAULT_OBJECTIVE", "DreamerPro", "InfoNCE", "ModelDims", "MuDreamer", "NoObjective", "OBJECTIVES",
-           "Objective", "ObjectiveInputs", "Reconstruction", "make_objective", "objective_name"]
+           "Objective", "ObjectiveInputs", "ObservedViews", "Reconstruction", "make_objective", "objective_name"]

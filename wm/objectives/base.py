@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wm.augment import random_shift
+from wm.augment import sequence_shift
 from wm.decoder import MultiDecoder
 from wm.distributions import POLICY_UNIMIX
 from wm.nets import Linear
@@ -40,6 +40,16 @@ class ModelDims:
 
 
 @dataclass
+class ObservedViews:
+    """Augmented views of the batch's sequences, V per sequence, observed through the encoder and
+    the RSSM: what an objective that compares views (DreamerPro) reads."""
+
+    obs: Mapping[str, torch.Tensor]  # what the encoder saw, (V B, T, ...): view v is rows v B .. (v + 1) B
+    embed: torch.Tensor  # (V B, T, E)
+    posterior: State  # (V B, T)
+
+
+@dataclass
 class ObjectiveInputs:
     """What the world model computed on a (B, T) batch, handed to the objective."""
 
@@ -52,7 +62,7 @@ class ObjectiveInputs:
     cont: torch.Tensor  # discounted continue target (1 - 1/H)(1 - terminal), (B, T)
     is_first: torch.Tensor  # (B, T)
     is_last: torch.Tensor  # (B, T)
-    seen: Mapping[str, torch.Tensor] | None = None  # what the encoder saw (`encoder_input`: augmented views)
+    views: ObservedViews | None = None  # the augmented views the objective asked for (`views`), observed
 
 
 class Objective(nn.Module):
@@ -105,11 +115,18 @@ class Objective(nn.Module):
         return self.probe if self.probe_decoder else None
 
     def encoder_input(self, obs: Mapping[str, torch.Tensor], image_keys: list[str]) -> Mapping[str, torch.Tensor]:
-        """The observations the encoder sees during training: (B, T, ...), or V views of every
-        sequence as (V B, T, ...), which the world model then observes and scores all."""
+        """The observations the world model's own losses are taken on: (B, T, ...), shifted when
+        `augment` is on, or V views of every sequence as (V B, T, ...), which the world model then
+        observes and scores all (DreamerPro's own code does that)."""
         if not self.augment:
             return obs
-        return {k: random_shift(v) if k in image_keys else v for k, v in obs.items()}
+        return {k: sequence_shift(v) if k in image_keys else v for k, v in obs.items()}
+
+    def views(self, obs: Mapping[str, torch.Tensor], image_keys: list[str]) -> Mapping[str, torch.Tensor] | None:
+        """Augmented views (V B, T, ...) that the world model observes in a second pass for this
+        objective alone (`ObjectiveInputs.views`): the official R2-Dreamer code's DreamerPro. None:
+        no second pass."""
+        return None
 
     def forward(self, inputs: ObjectiveInputs) -> dict[str, torch.Tensor]:
         """Unscaled scalar loss terms, by name."""

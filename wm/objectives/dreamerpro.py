@@ -1,19 +1,25 @@
-"""DreamerPro (Deng et al., 2022): prototypical representations instead of reconstruction.
+"""DreamerPro (Deng et al., 2022): prototypical representations instead of reconstruction, as the
+official R2-Dreamer code trains it (NM512/r2dreamer), whose numbers both papers' tables compare with.
 
-Both papers compare against it (R2-Dreamer's main table and augmentation ablation, MuDreamer's
-natural-background table). Every batch is augmented twice, the two views observed through the
-encoder and the RSSM as one batch of 2B sequences, and a SwAV-style clustering ties them together:
+The world model trains on the batch as it is (KL, reward and continue losses, imagination starts,
+the replay value); every batch is also translated twice (`sequence_shift`: whole pixels up to 3, one
+offset per sequence), and the two views go through the encoder and the RSSM as one batch of 2B
+sequences whose states feed only the prototype losses, a SwAV-style clustering:
 
 - projections: the embedding through `obs_proj` (embed -> 32), the latent feature through
-  `feat_proj` (feat -> 32), both L2-normalised; scores are dot products with 2,500 L2-normalised
-  prototypes, over the temperature 0.1, a softmax over the prototypes;
+  `feat_proj` (feat -> 32), both L2-normalised; scores are dot products with 2,500 prototypes of
+  unit length (drawn from a standard normal, re-normalised after every update), over the
+  temperature 0.1, a softmax over the prototypes;
 - targets: an EMA copy of the encoder and `obs_proj` (fraction 0.05 every update) scores each
   view, and Sinkhorn-Knopp (epsilon 0.05, 3 iterations) turns those scores into assignments;
 - `swav`: each view's observation logits predict the other view's assignments; `temp`: the latent
   feature's logits predict the assignments of its own step and view; `norm`: the squared deviation
-  of both projections' norms from 1. Scale 1 each; the first step of every sequence is left out
-  (warm-up 1); the prototypes are frozen for the first 10,000 updates.
+  of both projections' norms from 1, over every step. Scale 1 each; the first step of every
+  sequence is left out of `swav` and `temp` (warm-up 1); the prototypes are frozen for the first
+  10,000 updates.
 
+`train_on_views=True` trains as DreamerPro's own code does instead: no clean pass, every
+world-model loss on the two views, imagination and the replay context from the first view.
 The KL weights are the shared core's, DreamerV3's (docs/algorithm.md §2 says why).
 """
 
@@ -25,25 +31,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from wm.nets import Linear
+from wm.augment import sequence_shift
 from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
 from wm.returns import ema_update_, frozen_copy
-
-
-def sequence_shift(images: torch.Tensor, max_shift: float = 3.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, T, H, W, C) images, each sequence translated by one random (dx, dy) in [-max_shift,
-    max_shift] pixels, the same for all its steps; bilinear, the border repeated. Float32 in
-    0..255 (the encoder's scale), so the sub-pixel shift survives."""
-    batch, length, height, width, channels = images.shape
-    shift = (torch.rand(batch, 2, generator=generator, device=images.device) * 2 - 1) * max_shift  # pixels (x, y)
-    x = images.reshape(batch * length, height, width, channels).permute(0, 3, 1, 2).float()
-    theta = torch.zeros(batch, 2, 3, device=images.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = shift[:, 0] * 2 / width  # grid_sample's coordinates span [-1, 1] over the image
-    theta[:, 1, 2] = shift[:, 1] * 2 / height
-    grid = F.affine_grid(theta.repeat_interleave(length, 0), list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.permute(0, 2, 3, 1).reshape(batch, length, height, width, channels)
 
 
 @torch.no_grad()
@@ -77,11 +67,12 @@ class DreamerPro(Objective):
         sinkhorn_iterations: int = 3,
         target_rate: float = 0.05,
         freeze_prototypes: int = 10_000,
-        max_shift: float = 3.0,
+        max_shift: int = 3,
         warmup: int = 1,
         swav_scale: float = 1.0,
         temp_scale: float = 1.0,
         norm_scale: float = 1.0,
+        train_on_views: bool = False,
         probe_decoder: bool = False,
     ):
         super().__init__(augment=False, probe_decoder=probe_decoder)  # it augments its own two views
@@ -89,51 +80,69 @@ class DreamerPro(Objective):
         self.sinkhorn_epsilon, self.sinkhorn_iterations = sinkhorn_epsilon, sinkhorn_iterations
         self.target_rate, self.freeze_prototypes, self.max_shift, self.warmup = target_rate, freeze_prototypes, max_shift, warmup
         self.swav_scale, self.temp_scale, self.norm_scale = swav_scale, temp_scale, norm_scale
+        self.train_on_views = train_on_views
         self.scales = {"swav": swav_scale, "temp": temp_scale, "norm": norm_scale}
 
     def build(self, dims: ModelDims) -> None:
         if self.online_encoder is None:
             raise ValueError("DreamerPro keeps an EMA copy of the world model's encoder: attach it with the encoder")
-        self.obs_proj = Linear(dims.embed_dim, self.dim)
-        self.feat_proj = Linear(dims.feat_dim, self.dim)
-        self.prototypes = nn.Linear(self.dim, self.num_prototypes, bias=False)  # its rows are the prototypes
+        self.obs_proj = nn.Linear(dims.embed_dim, self.dim)  # PyTorch's default initialisation, as the official code
+        self.feat_proj = nn.Linear(dims.feat_dim, self.dim)
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(self.num_prototypes, self.dim), dim=-1))  # (K, dim)
         self.target_encoder = frozen_copy(self.online_encoder)
         self.target_obs_proj = frozen_copy(self.obs_proj)
         self.register_buffer("updates", torch.zeros((), dtype=torch.float32))  # taken updates, for the freeze
 
-    def encoder_input(self, obs: Mapping[str, torch.Tensor], image_keys: list[str]) -> Mapping[str, torch.Tensor]:
+    def shifted_views(self, obs: Mapping[str, torch.Tensor], image_keys: list[str]) -> dict[str, torch.Tensor]:
         """Two views of every sequence, each with its own shift: (2B, T, ...); vectors repeated."""
         views = [{k: sequence_shift(v, self.max_shift) if k in image_keys else v for k, v in obs.items()} for _ in range(2)]
         return {k: torch.cat([views[0][k], views[1][k]]) for k in obs}
 
+    def encoder_input(self, obs: Mapping[str, torch.Tensor], image_keys: list[str]) -> Mapping[str, torch.Tensor]:
+        return self.shifted_views(obs, image_keys) if self.train_on_views else obs
+
+    def views(self, obs: Mapping[str, torch.Tensor], image_keys: list[str]) -> Mapping[str, torch.Tensor] | None:
+        return None if self.train_on_views else self.shifted_views(obs, image_keys)
+
     def unit_prototypes(self) -> torch.Tensor:
-        """The L2-normalised prototypes (K, dim); no gradient reaches them while they are frozen
-        (decided on the device: the weight counts only once `freeze_prototypes` updates are taken)."""
-        weight = self.prototypes.weight
-        trainable = (self.updates >= self.freeze_prototypes).to(weight.dtype)
+        """The L2-normalised prototypes (K, dim); no gradient reaches them while they are frozen,
+        decided on the device: they train from the `freeze_prototypes`-th taken update on (the
+        official code's count, which includes the update being made)."""
+        weight = self.prototypes
+        trainable = (self.updates + 1 >= self.freeze_prototypes).to(weight.dtype)
         return F.normalize(weight.detach() + trainable * (weight - weight.detach()), dim=-1)
 
     def forward(self, inputs: ObjectiveInputs) -> dict[str, torch.Tensor]:
-        prototypes = self.unit_prototypes()
-        start = self.warmup
-        obs_raw = self.obs_proj(inputs.embed[:, start:])  # (2B, T - warmup, dim)
-        feat_raw = self.feat_proj(inputs.posterior.feat[:, start:])
-        obs_logits = F.normalize(obs_raw.float(), dim=-1) @ prototypes.float().T / self.temperature
-        feat_logits = F.normalize(feat_raw.float(), dim=-1) @ prototypes.float().T / self.temperature
+        views, start = inputs.views, self.warmup
+        prototypes = self.unit_prototypes().float()
+        obs_raw = self.obs_proj(views.embed).float()  # (2B, T, dim)
+        feat_raw = self.feat_proj(views.posterior.feat).float()
+        obs_logits = F.normalize(obs_raw[:, start:], dim=-1) @ prototypes.T / self.temperature
+        feat_logits = F.normalize(feat_raw[:, start:], dim=-1) @ prototypes.T / self.temperature
         with torch.no_grad():
-            target = self.target_obs_proj(self.target_encoder(inputs.seen)[:, start:])
-            target_scores = F.normalize(target.float(), dim=-1) @ prototypes.float().T
-        half = inputs.embed.shape[0] // 2
+            target = self.target_obs_proj(self.target_encoder(views.obs)[:, start:])
+            target_scores = F.normalize(target.float(), dim=-1) @ prototypes.T
+        half = views.embed.shape[0] // 2
         assign = [sinkhorn(target_scores[i * half:(i + 1) * half].reshape(-1, self.num_prototypes),
                            self.sinkhorn_epsilon, self.sinkhorn_iterations) for i in range(2)]
         obs_views = [obs_logits[i * half:(i + 1) * half].reshape(-1, self.num_prototypes) for i in range(2)]
         feat_views = [feat_logits[i * half:(i + 1) * half].reshape(-1, self.num_prototypes) for i in range(2)]
         swav = 0.5 * (cross_entropy(assign[1], obs_views[0]) + cross_entropy(assign[0], obs_views[1]))
         temp = 0.5 * (cross_entropy(assign[0], feat_views[0]) + cross_entropy(assign[1], feat_views[1]))
-        norm = (obs_raw.float().norm(dim=-1) - 1).square().mean() + (feat_raw.float().norm(dim=-1) - 1).square().mean()
+        norm = (obs_raw.norm(dim=-1) - 1).square().mean() + (feat_raw.norm(dim=-1) - 1).square().mean()
         return {"swav": swav, "temp": temp, "norm": norm}
 
     def after_update(self, taken: torch.Tensor) -> None:
+        """The EMA teachers follow (on taken updates), and the prototypes return to unit length."""
         ema_update_(self.target_encoder, self.online_encoder, self.target_rate, taken)
         ema_update_(self.target_obs_proj, self.obs_proj, self.target_rate, taken)
         self.updates += taken.to(self.updates.dtype)
+        with torch.no_grad():
+            self.prototypes.copy_(torch.where(taken, F.normalize(self.prototypes, dim=-1), self.prototypes))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints written before the prototypes were a plain parameter kept them as a Linear's weight."""
+        old = state_dict.pop(prefix + "prototypes.weight", None)
+        if old is not None:
+            state_dict[prefix + "prototypes"] = old
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -23,8 +23,12 @@ def main(argv: list[str]) -> int:
     from wm.probe.offline import main as train_main
     from wm.run_cli import REFUSALS
 
+    usage = f"usage: python -m wm.probe {{{','.join(COMMANDS)}}} ...\n{__doc__}"
+    if argv[:1] in (["-h"], ["--help"]):  # asked for: the usage on stdout, success
+        print(usage)
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m wm.probe {{{','.join(COMMANDS)}}} ...\n{__doc__}", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     retain_freed_memory()
     try:

@@ -258,7 +258,7 @@ def study_main(argv: list[str]) -> None:
     atomic_write(root / "study.json", lambda f: f.write(text))
     print(f"study {experiment}: {len(runs)} runs ({len(runs) - len(to_train)} already finished), "
           f"{len(evaluated)} probed, in {summary['seconds'] / 60:.0f} min; "
-          f"report it with: python -m wm.report --experiment {experiment} --tracking-uri {uri} --out reports/{experiment}")
+          f"report it with: python -m wm.report --experiment {experiment} --tracking-uri {uri} --out {root / 'report'}")
 
 
 def runs_of(client: MlflowClient, experiment: str) -> list:
