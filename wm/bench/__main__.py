@@ -12,6 +12,10 @@ if __name__ == "__main__":
         from wm.bench.fit import main
 
         main(argv[1:])
+    elif argv[:1] == ["check"]:  # the whole machine, each measurement in its own process
+        from wm.bench.check import main
+
+        main(argv[1:])
     else:
         from wm.bench.update import main
 

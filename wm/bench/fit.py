@@ -23,7 +23,9 @@ each phase's GPU work counted in the phase that launched it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import json
 import statistics
 import sys
 import tempfile
@@ -39,6 +41,7 @@ from callbacks.checkpoint import EnvStepCheckpoint
 from callbacks.env_loop import EnvLoop
 from wm.allocator import freed_memory_label, retain_freed_memory
 from wm.cli import WMCLI
+from wm.files import atomic_write
 from wm.envs import make_vector_env
 from wm.logger import sqlite_uri
 from wm.profiling import ProcessUsage, describe_usage, phase, start_recording, stop_recording
@@ -235,6 +238,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=120.0, help="wall seconds of training to measure")
     parser.add_argument("--warmup", type=int, default=1, help="updates before the measurement starts")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
+def summary(result: dict) -> dict:
+    """The measurement as plain data: what `report` prints, per-update figures included."""
+    seconds_per_update = [usage.wall for usage in result["update_usage"]]
+    plain = {k: v for k, v in result.items() if k != "update_usage"}
+    plain.update(update_usage=[dataclasses.asdict(u) for u in result["update_usage"]],
+                 frames_per_second=result["frames"] / result["wall"], updates_per_second=result["updates"] / result["wall"],
+                 median_update=statistics.median(seconds_per_update), shares=shares(result))
+    return plain
 
 
 def run(args: argparse.Namespace) -> None:
@@ -258,7 +272,11 @@ def run(args: argparse.Namespace) -> None:
     if timer.result is None:
         print(f"fit benchmark: the fit ended before {args.warmup} warm-up updates; nothing was measured")
         return
-    print(report({**timer.result, "freed_memory": freed_memory_label(retained)}), flush=True)
+    result = {**timer.result, "freed_memory": freed_memory_label(retained)}
+    print(report(result), flush=True)
+    if args.json:
+        text = json.dumps(summary(result), indent=1).encode()
+        atomic_write(Path(args.json), lambda f: f.write(text))
 
 
 def main(argv: list[str] | None = None) -> None:

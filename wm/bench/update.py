@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import resource
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -20,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from datamodules import ReplayBuffer, ReplayStore
 from wm.agent import Agent
 from wm.allocator import freed_memory_label, retain_freed_memory
+from wm.files import atomic_write
 from wm.objectives import OBJECTIVES, make_objective
 from wm.profiling import ProcessUsage, ProfileBatch, describe_usage, set_compile_cache, start_recording, stop_recording
 from wm.sizes import SIZES
@@ -108,12 +111,13 @@ def train(agent: Agent, batch: dict[str, torch.Tensor], args: argparse.Namespace
     trainer.fit(agent, DataLoader(RepeatBatch(batch), batch_size=None))
 
 
-def bench_update(args: argparse.Namespace) -> None:
+def measure_update(args: argparse.Namespace) -> dict:
+    """Real updates of the agent `args` describes, and what they cost: the figures as plain data
+    (what `bench_update` prints and `--json` writes)."""
     retained = retain_freed_memory()
     torch.manual_seed(0)
-    precision = effective_precision(PRECISIONS[args.precision], args.device)
-    if precision != PRECISIONS[args.precision]:  # the fit's rule: a benchmark measures what a fit would run
-        print(fallback_message(PRECISIONS[args.precision], precision))
+    requested = PRECISIONS[args.precision]
+    precision = effective_precision(requested, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile:
@@ -131,45 +135,82 @@ def bench_update(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     train(agent, batch, args, precision, profiled + 1, [timer, profiler])
     measured = timer.seconds[args.warmup : profiled]
-    phases = timer.phases[args.warmup : profiled]
     median = statistics.median(measured)
-    print(f"objective {args.objective}  size {args.size}  B={args.batch} T={args.length}  "
-          f"precision {precision}  device {args.device}  threads {torch.get_num_threads()}  "
-          f"{f'compiled ({args.compile_scope})' if args.compile else 'eager'}  freed memory {freed_memory_label(retained)}")
-    print(agent.parameter_table())
-    print(f"median seconds per update: {median:.3f}  (min {min(measured):.3f}, max {max(measured):.3f}, "
-          f"{len(measured)} updates after {args.warmup} warm-up)")
-    print(describe_usage(timer.usage[args.warmup : profiled]))
+    result = {
+        "objective": args.objective, "size": args.size, "batch": args.batch, "length": args.length,
+        "requested_precision": requested, "precision": precision, "device": args.device,
+        "threads": torch.get_num_threads(), "compile": args.compile,
+        "compile_scope": args.compile_scope if args.compile else None, "freed_memory": freed_memory_label(retained),
+        "parameters": agent.parameter_table(), "seconds": measured, "median": median, "warmup": args.warmup,
+        "usage": describe_usage(timer.usage[args.warmup : profiled]), "gflop": gflop,
+        "host_syncs": sum(profiler.counts.syncs.values()), "sync_ops": dict(profiler.counts.syncs),
+        "aten_ops": profiler.counts.aten_ops, "leaf_ops": profiler.counts.leaf_ops,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
+    }
     if args.compile:
         counters = torch._dynamo.utils.counters
-        print(f"compile: first update {timer.seconds[0]:.1f} s, i.e. {timer.seconds[0] - median:.1f} s of compilation "
-              f"({'cold' if args.cold else 'warm or cold'} cache at {os.environ['TORCHINDUCTOR_CACHE_DIR']}); "
-              f"graphs {counters['stats']['unique_graphs']}, graph breaks {sum(counters['graph_break'].values())}")
+        result.update(first_update=timer.seconds[0], compile_seconds=timer.seconds[0] - median,
+                      cold=args.cold, cache=os.environ["TORCHINDUCTOR_CACHE_DIR"],
+                      graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
         if args.cold:  # the same compile again, from the cache the cold one filled: what a later run pays
             torch._dynamo.reset()
             warm = UpdateTimer()
             agent, _ = build_agent(args)
             train(agent, batch, args, precision, 1, [warm])
-            print(f"compile: warm, from that cache: first update {warm.seconds[0]:.1f} s, i.e. "
-                  f"{warm.seconds[0] - median:.1f} s of compilation")
+            result.update(warm_first_update=warm.seconds[0], warm_compile_seconds=warm.seconds[0] - median)
     else:
+        phases = timer.phases[args.warmup : profiled]
         mean_total = statistics.fmean(measured)
         shares = {name: statistics.fmean(p.get(name, 0.0) for p in phases) for name in PHASES}
         shares["other"] = max(0.0, mean_total - sum(shares.values()))
-        for name, seconds in shares.items():
-            print(f"  {name:<10}{seconds:8.3f} s  {100 * seconds / mean_total:5.1f}%")
-    counts = profiler.counts
-    syncs = sum(counts.syncs.values())
-    print(f"one update: {syncs} host syncs {counts.syncs or ''}, {counts.aten_ops} aten ops dispatched, "
-          f"{counts.leaf_ops} leaf aten ops")
+        result.update(mean=mean_total, phases=shares)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision, torch.float32)
-    peak = peak_matmul_gflops(dtype, args.device)
-    achieved = gflop / median
-    print(f"GFLOP per update: {gflop:.0f}  achieved {achieved:.0f} GFLOP/s = {100 * achieved / peak:.0f}% of this "
-          f"machine's {str(dtype).removeprefix('torch.')} matmul peak ({peak:.0f} GFLOP/s, 4096x4096)")
-    if args.device == "cuda":
-        print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-    print(f"peak process RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    result.update(matmul_dtype=str(dtype).removeprefix("torch."), peak_gflops=peak_matmul_gflops(dtype, args.device))
+    return result
+
+
+def describe_update(result: dict) -> str:
+    """The measurement as the lines `python -m wm.bench update` prints."""
+    measured, median = result["seconds"], result["median"]
+    mode = f"compiled ({result['compile_scope']})" if result["compile"] else "eager"
+    lines = [f"objective {result['objective']}  size {result['size']}  B={result['batch']} T={result['length']}  "
+             f"precision {result['precision']}  device {result['device']}  threads {result['threads']}  {mode}  "
+             f"freed memory {result['freed_memory']}",
+             result["parameters"],
+             f"median seconds per update: {median:.3f}  (min {min(measured):.3f}, max {max(measured):.3f}, "
+             f"{len(measured)} updates after {result['warmup']} warm-up)",
+             result["usage"]]
+    if result["compile"]:
+        lines.append(f"compile: first update {result['first_update']:.1f} s, i.e. {result['compile_seconds']:.1f} s of "
+                     f"compilation ({'cold' if result['cold'] else 'warm or cold'} cache at {result['cache']}); "
+                     f"graphs {result['graphs']}, graph breaks {result['graph_breaks']}")
+        if result["cold"]:
+            lines.append(f"compile: warm, from that cache: first update {result['warm_first_update']:.1f} s, i.e. "
+                         f"{result['warm_compile_seconds']:.1f} s of compilation")
+    else:
+        for name, seconds in result["phases"].items():
+            lines.append(f"  {name:<10}{seconds:8.3f} s  {100 * seconds / result['mean']:5.1f}%")
+    lines.append(f"one update: {result['host_syncs']} host syncs {result['sync_ops'] or ''}, {result['aten_ops']} aten ops "
+                 f"dispatched, {result['leaf_ops']} leaf aten ops")
+    achieved = result["gflop"] / median
+    lines.append(f"GFLOP per update: {result['gflop']:.0f}  achieved {achieved:.0f} GFLOP/s = "
+                 f"{100 * achieved / result['peak_gflops']:.0f}% of this machine's {result['matmul_dtype']} matmul peak "
+                 f"({result['peak_gflops']:.0f} GFLOP/s, 4096x4096)")
+    if result["peak_gpu_mib"] is not None:
+        lines.append(f"peak GPU memory allocated: {result['peak_gpu_mib']:.0f} MiB")
+    lines.append(f"peak process RSS: {result['peak_rss_mib']:.0f} MiB")
+    return "\n".join(lines)
+
+
+def bench_update(args: argparse.Namespace) -> None:
+    if effective_precision(PRECISIONS[args.precision], args.device) != PRECISIONS[args.precision]:
+        print(fallback_message(PRECISIONS[args.precision], effective_precision(PRECISIONS[args.precision], args.device)))
+    result = measure_update(args)
+    print(describe_update(result), flush=True)
+    if args.json:
+        text = json.dumps(result, indent=1).encode()
+        atomic_write(Path(args.json), lambda f: f.write(text))
 
 
 def print_params(args: argparse.Namespace) -> None:
@@ -217,6 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=100_000, help="replay: rows in the buffer at the first save")
     parser.add_argument("--new-rows", type=int, default=12_500, help="replay: rows added before the next save")
     parser.add_argument("--dir", default=None, help="replay: where to write (default: the system's temporary folder)")
+    parser.add_argument("--json", default=None, help="update: also write the figures to this JSON file")
     return parser.parse_args(argv)
 
 
