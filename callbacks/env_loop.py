@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm import tqdm
 
-from callbacks.evaluation import Episode, EpisodeStats, achievement_rates, play_episodes
+from callbacks.evaluation import Episode, EpisodeStats, achievement_rates, play_episodes, success_rate
 from callbacks.interrupt import interrupt_signal
 from datamodules.replay_store import new_save_id
 from wm.durations import format_duration, update_count
@@ -77,6 +77,14 @@ def env_spec(env: gym.Env) -> EnvSpec:
     if isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:
         return EnvSpec(shapes, int(act_space.shape[0]), False)
     raise ValueError(f"unsupported action space {act_space}: use Box(-1, 1, (A,)) or Discrete(n)")
+
+
+def store_write(logger, what: str, write) -> None:
+    """An artifact write that must not end the run when the store or the disk fails (wm.logger)."""
+    if isinstance(logger, EnvStepMLFlowLogger):
+        logger.guarded(what, write)
+    else:
+        write()
 
 
 class EnvLoop(L.Callback):
@@ -393,7 +401,7 @@ class EnvLoop(L.Callback):
             "eval/return": self.last_eval_return,
             "eval/return_std": self.last_eval_std,
             "eval/length": float(np.mean([e.length for e in episodes])),
-            "eval/success": float(np.mean([e.success for e in episodes])),
+            **{f"eval/{k}": v for k, v in success_rate([e.success for e in episodes]).items()},
             **achievement_metrics("eval", [e.achievements for e in episodes]),
         })
         self._log_video(trainer, episodes, "eval")
@@ -417,9 +425,10 @@ class EnvLoop(L.Callback):
         table = io.StringIO()
         writer = csv.writer(table)
         writer.writerow(["episode", "return", "length", "success"])
-        writer.writerows([i, e.ret, e.length, int(e.success)] for i, e in enumerate(self.tested))
+        writer.writerows([i, e.ret, e.length, "" if e.success is None else int(e.success)] for i, e in enumerate(self.tested))
+        name = f"test/episodes_{self.env_steps:09d}.csv"
         for logger in self._mlflow_loggers(trainer):
-            logger.experiment.log_text(logger.run_id, table.getvalue(), f"test/episodes_{self.env_steps:09d}.csv")
+            store_write(logger, name, lambda lg=logger: lg.experiment.log_text(lg.run_id, table.getvalue(), name))
         self._log_video(trainer, self.tested, "test")
         self._log_inspection(trainer, pl_module, [e for e in self.tested if e.frames])
 
@@ -430,8 +439,8 @@ class EnvLoop(L.Callback):
         loggers = self._mlflow_loggers(trainer)
         if not recorded or not loggers:
             return
-        videos = {"saliency": saliency_video(pl_module, recorded[0].frames, recorded[0].actions)}
-        images = {"saliency": videos["saliency"][len(videos["saliency"]) // 2]}
+        video, image = saliency_video(pl_module, recorded[0].frames, recorded[0].actions)
+        videos, images = {"saliency": video}, {"saliency": image}
         if pl_module.world_model.objective.image_decoder() is not None:
             videos["openloop"] = open_loop_video(pl_module, [(e.frames, e.actions) for e in recorded])
             first = recorded[0]
@@ -441,7 +450,8 @@ class EnvLoop(L.Callback):
         self._log_videos(trainer, videos)
         for logger in loggers:
             for name, image in images.items():
-                logger.experiment.log_image(logger.run_id, image, f"images/{name}_{self.env_steps:09d}.png")
+                path = f"images/{name}_{self.env_steps:09d}.png"
+                store_write(logger, path, lambda lg=logger, im=image, p=path: lg.experiment.log_image(lg.run_id, im, p))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.close()
@@ -471,11 +481,16 @@ class EnvLoop(L.Callback):
 
     def _log_videos(self, trainer: L.Trainer, videos: dict[str, np.ndarray]) -> None:
         """Each (T, H, W, 3) video as `videos/<name>_<env frames>.mp4`, at the env's frame rate."""
-        with tempfile.TemporaryDirectory() as folder:
-            for name, video in videos.items():
-                write_mp4(Path(folder) / f"{name}_{self.env_steps:09d}.mp4", video, fps=max(1, round(50 / self.action_repeat)))
-            for logger in self._mlflow_loggers(trainer):
-                logger.experiment.log_artifacts(logger.run_id, folder, "videos")
+        def write_and_log() -> None:
+            with tempfile.TemporaryDirectory() as folder:
+                for name, video in videos.items():
+                    write_mp4(Path(folder) / f"{name}_{self.env_steps:09d}.mp4", video, fps=max(1, round(50 / self.action_repeat)))
+                for logger in self._mlflow_loggers(trainer):
+                    logger.experiment.log_artifacts(logger.run_id, folder, "videos")
+
+        loggers = self._mlflow_loggers(trainer)
+        if loggers:
+            store_write(loggers[0], f"the videos at {self.env_steps:,} frames", write_and_log)
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         now = time.perf_counter()
@@ -487,11 +502,11 @@ class EnvLoop(L.Callback):
         log_now = trainer.global_step % max(1, trainer.log_every_n_steps) == 0
         if self.finished and log_now:
             # One write per logging interval: the mean over the episodes that ended in it.
-            returns, lengths, successes = (np.asarray(column) for column in list(zip(*self.finished))[:3])
+            returns, lengths = (np.asarray(column) for column in list(zip(*self.finished))[:2])
             self._log_to_loggers(trainer, {
                 "episode/return": float(returns.mean()),
                 "episode/length": float(lengths.mean()),
-                "episode/success": float(successes.mean()),
+                **{f"episode/{k}": v for k, v in success_rate([episode[2] for episode in self.finished]).items()},
                 "episode/count": float(len(returns)),
                 **achievement_metrics("episode", [episode[3] for episode in self.finished]),
             })

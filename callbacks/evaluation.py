@@ -19,16 +19,23 @@ ACHIEVEMENT = "achievement/"  # info keys of per-episode flags an env reports (C
 
 @dataclass
 class Episode:
-    """One finished episode: its return, length, success, the achievements its env reports (name ->
-    unlocked), and if it was recorded its frames and the actions that led to them (actions[0],
-    before the first frame, is zeros)."""
+    """One finished episode: its return, length, success (None for a task with no notion of
+    success, whose env reports none), the achievements its env reports (name -> unlocked), and if it
+    was recorded its frames and the actions that led to them (actions[0], before the first frame, is
+    zeros)."""
 
     ret: float
     length: int
-    success: bool
+    success: bool | None
     achievements: dict[str, bool] = field(default_factory=dict)
     frames: list[np.ndarray] | None = None
     actions: list[np.ndarray] | None = None
+
+
+def success_rate(successes: list[bool | None]) -> dict[str, float]:
+    """{"success": the fraction of episodes that succeeded}, or {} for a task with no notion of success."""
+    known = [s for s in successes if s is not None]
+    return {"success": float(np.mean(known))} if known else {}
 
 
 def achievement_rates(episodes: list[dict[str, bool]]) -> dict[str, float]:
@@ -43,15 +50,18 @@ class EpisodeStats:
 
     def __init__(self, num_envs: int):
         self.total, self.length, self.success = np.zeros(num_envs), np.zeros(num_envs, int), np.zeros(num_envs, bool)
+        self.reports_success = False  # whether the env says whether an episode succeeded (Meta-World)
         self.achieved: dict[str, np.ndarray] = {}  # achievement -> whether each env's episode unlocked it
 
-    def step(self, reward, first, done, info) -> list[tuple[int, tuple[float, int, bool, dict[str, bool]] | None]]:
+    def step(self, reward, first, done, info) -> list[tuple[int, tuple[float, int, bool | None, dict[str, bool]] | None]]:
         """Add one vector step; returns (env, (return, length, success, achievements)) for each
-        episode that ended with it, with None for one a restart of its worker cut short."""
+        episode that ended with it, with None for one a restart of its worker cut short; success
+        is None where the env reports none."""
         live = ~first
         self.total += np.where(live, reward, 0.0)
         self.length += live
         if "success" in info:
+            self.reports_success = True
             self.success |= np.asarray(info["success"], bool) & live
         for key in (k for k in info if k.startswith(ACHIEVEMENT)):
             achieved = self.achieved.setdefault(key.removeprefix(ACHIEVEMENT), np.zeros_like(self.success))
@@ -60,7 +70,8 @@ class EpisodeStats:
         ended = []
         for i in np.flatnonzero(done & live):
             achievements = {name: bool(achieved[i]) for name, achieved in self.achieved.items()}
-            episode = (float(self.total[i]), int(self.length[i]), bool(self.success[i]), achievements)
+            success = bool(self.success[i]) if self.reports_success else None
+            episode = (float(self.total[i]), int(self.length[i]), success, achievements)
             ended.append((int(i), None if restarted[i] else episode))
             self.total[i], self.length[i], self.success[i] = 0.0, 0, False
             for achieved in self.achieved.values():

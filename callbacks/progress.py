@@ -112,7 +112,9 @@ class RunSummary(L.Callback):
 
     def lines(self, trainer: L.Trainer, interrupted: bool) -> list[str]:
         loop = env_loop(trainer)
-        title = "Run interrupted (resume it with --ckpt_path last)" if interrupted else "Run finished"
+        unsaved = getattr(trainer.checkpoint_callback, "unsaved", None)
+        title = ("Run interrupted (resume it with --ckpt_path last)" if interrupted else
+                 "Run stopped before its end was saved (resume it with --ckpt_path last)" if unsaved else "Run finished")
         lines = [f"{title}: {self.run_dir.name}"]
         if loop is not None:
             if math.isnan(loop.last_eval_return):
@@ -122,11 +124,16 @@ class RunSummary(L.Callback):
                              f"(std over {loop.eval_episodes} greedy episode{'s' * (loop.eval_episodes != 1)}, "
                              f"at {loop.last_eval_at:,} frames)")
             lines.append(f"  env frames: {loop.env_steps:,} of {loop.total_steps:,}, updates: {trainer.global_step:,}")
+        if unsaved:
+            lines.append(f"  not saved: {unsaved}")
         lines.append(f"  wall time: {format_duration(time.monotonic() - self.started)} (this session)")
         lines.append(f"  run folder: {self.run_dir.resolve()}")
         logger = next((lg for lg in trainer.loggers if isinstance(lg, EnvStepMLFlowLogger)), None)
         if logger is not None and logger.run_id:
-            experiment_id = logger.experiment.get_run(logger.run_id).info.experiment_id
             lines.append(f"  open it: mlflow ui --backend-store-uri {shlex.quote(self.tracking_uri)}")
-            lines.append(f"    then {ui_address(experiment_id, logger.run_id)}")
+            try:
+                experiment_id = logger.experiment.get_run(logger.run_id).info.experiment_id
+                lines.append(f"    then {ui_address(experiment_id, logger.run_id)}")
+            except Exception:  # noqa: BLE001 - the store does not answer now; the summary still prints
+                lines.append(f"    (the store does not answer now; the run is {logger.run_id})")
         return lines

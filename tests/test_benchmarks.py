@@ -41,7 +41,8 @@ def test_benchmark_config_fits_and_logs(tmp_path, benchmark, objective):
     assert client.get_metric_history(run.info.run_id, "train/world_model/loss")
     assert (run_dir / "checkpoints/last.ckpt").exists()
     assert client.get_metric_history(run.info.run_id, "episode/return")
-    assert client.get_metric_history(run.info.run_id, "episode/success")
+    # success only where the task has it (Meta-World's): elsewhere a 0 would read as a failure
+    assert bool(client.get_metric_history(run.info.run_id, "episode/success")) == (benchmark == "metaworld")
 
 
 @pytest.mark.parametrize(

@@ -115,8 +115,9 @@ def spell(first, last, terminal) -> list[str]:
     return ["".join(map(char, first[:, i], last[:, i], terminal[:, i])) for i in range(first.shape[1])]
 
 
-def expected_episodes() -> list[tuple[float, int, bool, dict]]:
-    """(return, length, success, achievements) of every episode EXPECTED_ROWS ends, in the order they end
+def expected_episodes() -> list[tuple[float, int, bool | None, dict]]:
+    """(return, length, success: None, as the scripted envs report none, achievements) of every
+    episode EXPECTED_ROWS ends, in the order they end
     (envs ending at the same row: by env index); returns summed from scripted_reward."""
     episodes, starts = [], [0] * len(EXPECTED_ROWS)
     for row in range(len(EXPECTED_ROWS[0])):
@@ -125,7 +126,7 @@ def expected_episodes() -> list[tuple[float, int, bool, dict]]:
                 starts[env] = row
             elif spelled[row] in "TL":
                 length = row - starts[env]
-                episodes.append((sum(scripted_reward(env, t) for t in range(1, length + 1)), length, False, {}))
+                episodes.append((sum(scripted_reward(env, t) for t in range(1, length + 1)), length, None, {}))
     return episodes
 
 

@@ -56,7 +56,8 @@ def test_test_logs_its_episodes_into_the_run_and_leaves_it_finished(trained, tmp
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED", "test only reads a run"
     metrics = {key: client.get_metric_history(run.info.run_id, key) for key in
-               ("test/return", "test/return_std", "test/length", "test/success", "test/episodes")}
+               ("test/return", "test/return_std", "test/length", "test/episodes")}
+    assert not client.get_metric_history(run.info.run_id, "test/success"), "Catch has no notion of success"
     assert all(len(points) == 1 and points[0].step == frames for points in metrics.values()), metrics
     assert metrics["test/episodes"][0].value == 5
     # Every episode is in a CSV artifact; the logged mean and spread are theirs.
@@ -158,3 +159,23 @@ def test_videos_put_episodes_side_by_side_at_a_visible_size(tmp_path):
     write_mp4(tmp_path / "v.mp4", video, fps=10)
     read = iio.imread(tmp_path / "v.mp4", plugin="pyav")
     assert read.shape == (5, 64, 128, 3) and abs(int(read[4, 32, 96, 0]) - 200) < 8
+
+
+def test_test_of_a_copied_run_names_the_store_it_logs_into(trained, tmp_path, capsys):
+    """A run folder copied with its store keeps, in its checkpoints, the original store: `test`
+    refuses to guess which one, and logs where --run.tracking_uri says, saying so."""
+    import shutil
+
+    copy = tmp_path / "copied"
+    shutil.copytree(trained, copy)
+    last = copy / "tiny" / "checkpoints" / "last.ckpt"
+    original = MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")
+    (run,) = original.search_runs([original.get_experiment_by_name("quickstart").experiment_id])
+    before = original.get_run(run.info.run_id).data.metrics
+    with pytest.raises(CheckpointError, match=rf"lies beside the store {copy / 'mlflow.db'}.*tracked in {trained / 'mlflow.db'}"):
+        main(["test", "--ckpt_path", str(last), "--env.eval_episodes", "1", "--env.eval_videos", "0"])
+    uri = f"sqlite:///{(copy / 'mlflow.db').resolve()}"
+    main(["test", "--ckpt_path", str(last), "--env.eval_episodes", "1", "--env.eval_videos", "0", "--run.tracking_uri", uri])
+    assert f"test results logged to MLflow run {run.info.run_id} (tiny) in {uri}" in capsys.readouterr().out
+    assert MlflowClient(uri).get_metric_history(run.info.run_id, "test/return"), "logged into the copy's store"
+    assert original.get_run(run.info.run_id).data.metrics == before, "the original store is untouched"

@@ -160,8 +160,8 @@ def test_refuses_to_overwrite_or_load_a_bad_checkpoint(tmp_path):
     old.unlink()
     assert last.read_bytes() == before
     last.write_bytes(before[: len(before) // 2])
-    with pytest.raises(ValueError, match="corrupted or unreadable"):
-        fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", "last")
+    with pytest.raises(ValueError, match="corrupted or unreadable"):  # named: no fallback (--ckpt_path last has one)
+        fit(tmp_path, "--env.total_steps", "40", "--ckpt_path", str(last))
     assert last.read_bytes() == before[: len(before) // 2]
 
 
@@ -177,15 +177,25 @@ def test_periodic_checkpoints_at_each_multiple_of_checkpoint_every(tmp_path):
         path = checkpoints / f"envstep={frames}.ckpt"
         assert callback_state(path, "EnvLoop")["env_steps"] == frames
         assert torch.load(path, map_location="cpu", weights_only=True)["global_step"] == frames - 16
-    assert (checkpoints / "last.ckpt").samefile(checkpoints / "envstep=60.ckpt"), "the run ended at 60 frames"
+    last, kept = checkpoints / "last.ckpt", checkpoints / "envstep=60.ckpt"
+    assert last.read_bytes() == kept.read_bytes(), "the run ended at 60 frames"
+    assert not last.samefile(kept), "a copy: writing one file in place cannot change the other"
+    with open(last, "r+b") as f:  # what a careless in-place write does
+        f.truncate(100)
+    assert torch.load(kept, map_location="cpu", weights_only=True)["global_step"] == 44
 
 
-def test_cli_refuses_unknown_keys_and_tasks(tmp_path, capsys):
+def test_cli_refuses_unknown_keys_and_tasks_in_one_line_naming_the_closest(tmp_path, capsys):
     with pytest.raises(SystemExit):
         fit(tmp_path, "--model.sise", "size1M")
-    assert "sise" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown task 'toy-pong'.*toy-catch"):
-        fit(tmp_path, "--env.task", "toy-pong")
+    (line,) = capsys.readouterr().err.strip().splitlines()  # not the 100 lines of usage
+    assert line.startswith("error: unrecognized arguments: --model.sise size1M. Did you mean --model.size?")
+    assert line.endswith("Every option: python -m wm fit --help")
+    with pytest.raises(ConfigError, match=r"env.task='toy-cath' is not a task. Did you mean toy-catch\? The toy tasks"):
+        fit(tmp_path, "--env.task", "toy-cath")
+    with pytest.raises(ConfigError, match=r"no suite 'dcm'. Did you mean dmc\?"):
+        fit(tmp_path, "--env.task", "dcm-walker_walk")
+    assert not any(tmp_path.iterdir()), "nothing was created"
 
 
 def test_print_config_shows_every_setting_and_no_shapes():

@@ -156,13 +156,29 @@ def test_cuda_precisions_and_devices(monkeypatch):
         check("cuda", devices=2)
 
 
-def test_bf16_falls_back_to_float32_without_native_bfloat16(tmp_path, monkeypatch):
-    """The shipped configs ask for bf16-mixed; on a device that would only emulate it the fit
-    trains in 32-true, says so, and logs the precision it used."""
+@pytest.mark.parametrize("instructions", [False, True])
+def test_bf16_falls_back_to_float32_where_it_is_not_faster(tmp_path, monkeypatch, capsys, instructions):
+    """The shipped configs ask for bf16-mixed; on a CPU without bfloat16 instructions, or whose
+    bfloat16 matmul measures no faster than float32's, the fit trains in 32-true, says why in one
+    line, and logs the precision it used."""
     assert wm.validation.native_bf16("cpu") in (True, False)  # the real probe runs here
-    monkeypatch.setattr(wm.validation, "native_bf16", lambda device: False)  # a CPU without AVX512-BF16/AMX
-    with pytest.warns(UserWarning, match=r"trainer\.precision=bf16-mixed: this device has no native bfloat16.*32-true"):
-        run_cli(tmp_path, *TINY, "--trainer.precision", "bf16-mixed")
+    assert wm.validation.cpu_bf16_speedup() > 0  # and the real measurement
+    monkeypatch.setattr(wm.validation, "has_bf16_instructions", lambda: instructions)
+    monkeypatch.setattr(wm.validation, "cpu_bf16_speedup", lambda: 0.5)  # as on one AVX512-BF16 CPU
+    run_cli(tmp_path, *TINY, "--trainer.precision", "bf16-mixed")
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trainer.precision=bf16-mixed")]
+    why = "measured 0.50 times float32's speed here" if instructions else "this device has no native bfloat16"
+    assert len(said) == 1 and why in said[0] and said[0].endswith("running in 32-true instead"), said
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])[0]
     assert run.data.params["trainer.precision"] == "32-true"
+
+
+def test_bf16_where_it_is_measured_faster_is_kept_and_said(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(wm.validation, "has_bf16_instructions", lambda: True)
+    monkeypatch.setattr(wm.validation, "cpu_bf16_speedup", lambda: 2.4)  # this project's CPUs: 2 to 13 times
+    run_cli(tmp_path, *TINY, "--trainer.precision", "bf16-mixed")
+    assert "trainer.precision=bf16-mixed: a bfloat16 matmul measured 2.4 times float32's speed on this CPU" in capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])[0]
+    assert run.data.params["trainer.precision"] == "bf16-mixed"

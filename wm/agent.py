@@ -346,8 +346,10 @@ class Agent(L.LightningModule):
     def test_step(self, episode, batch_idx: int) -> None:
         """One greedy evaluation episode of `python -m wm test`, played by the environment callback:
         the test loop averages its return, length and success over the episodes."""
-        for name, value in (("return", episode.ret), ("length", episode.length), ("success", episode.success)):
-            self.log(f"test/{name}", float(value), on_epoch=True, batch_size=1)
+        values = {"return": episode.ret, "length": episode.length, "success": episode.success}
+        for name, value in values.items():
+            if value is not None:  # success: only for a task that has it
+                self.log(f"test/{name}", float(value), on_epoch=True, batch_size=1)
 
     def predict_step(self, episode, batch_idx: int):
         """One greedy episode of `python -m wm predict`, returned whole (return, frames, actions)."""

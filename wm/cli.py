@@ -26,6 +26,7 @@ from datamodules.replay_buffer import buffer_config
 from wm.agent import Agent
 from wm.allocator import retain_freed_memory
 from wm.envs.base import MissingSimulator
+from wm.logger import EnvStepMLFlowLogger, sqlite_file, sqlite_uri
 from wm.objectives import objective_name
 from wm.run_cli import (REFUSALS as RUN_REFUSALS, RUN_ID_FILE, CheckpointError, RunCLI, RunConfig, read_checkpoint,
                         run_seed)
@@ -47,6 +48,7 @@ def default_run_name(config) -> str:
 class WMCLI(RunCLI):
     def __init__(self, **kwargs):
         kwargs.setdefault("parser_kwargs", {"prog": "python -m wm"})
+        self.replay_verified: str | None = None  # the manifest whose chunks `replay_problem` read whole
         super().__init__(Agent, ReplayDataModule, **kwargs)
 
     @staticmethod
@@ -110,6 +112,38 @@ class WMCLI(RunCLI):
         own = Path(path).resolve().parent.parent
         if (own / RUN_ID_FILE).exists():  # the run is the folder the checkpoint lies in, wherever it was moved
             config.run.root, config.run.name = str(own.parent), own.name
+            if subcommand == "test" and self.record is not None:
+                self.check_store_beside(own, config.run.tracking_uri, self.record["config"]["run"]["tracking_uri"], path)
+
+    @staticmethod
+    def check_store_beside(run_dir: Path, uri: str, recorded: str, path: str) -> None:
+        """A run folder that was copied or moved keeps, in its checkpoints, the store it was made
+        in; where a store lies beside it and the command names no other, the test's results would
+        go to a store that is not this folder's: refused, naming both."""
+        beside, recorded_db = run_dir.parent / "mlflow.db", sqlite_file(recorded)
+        if uri != recorded or recorded_db is None or not beside.exists():
+            return  # a store given on the command line, a tracking server, or no store beside the run
+        if beside.resolve() != recorded_db.resolve():
+            raise CheckpointError(
+                f"test --ckpt_path {path}: the run folder {run_dir} lies beside the store {beside}, but its checkpoint "
+                f"was tracked in {recorded_db} (the run was copied or moved). Name the store to log into: "
+                f"--run.tracking_uri {sqlite_uri(beside)} for the one beside it (if it holds the run), or "
+                f"--run.tracking_uri {recorded} for the original. Nothing was changed.")
+
+    def replay_problem(self, path: Path, checkpoint: dict) -> str | None:
+        """Whether every rank's replay files that the checkpoint names are present and whole
+        (their configuration is checked later, against the model's, by `check_resume`)."""
+        reference = checkpoint.get("replay")
+        if reference is None:
+            return f"{path.name} names no replay buffer"
+        replay = path.parent / "replay"
+        for rank_dir in sorted({replay / "rank0", *replay.glob("rank*")}):
+            try:
+                ReplayStore(rank_dir).verify(reference["manifest"])
+            except ReplayFileError as error:
+                return f"{path.name}'s replay: {error}"
+        self.replay_verified = reference["manifest"]  # its chunks were read whole: check_resume checks the rest
+        return None
 
     def check_resume(self, path: Path) -> None:
         """Everything a resume needs, checked before the run is touched: a checkpoint of this
@@ -127,9 +161,14 @@ class WMCLI(RunCLI):
         expected = buffer_config(data.capacity, env.num_envs, env.spec.observation_shapes, env.spec.action_dim,
                                  (size.deter, size.stoch, size.classes))
         replay = self.run_dir() / "checkpoints" / "replay"
+        verified = self.replay_verified == reference["manifest"]
         for rank_dir in sorted({replay / "rank0", *replay.glob("rank*")}):  # every rank that saved one
             try:
-                ReplayStore(rank_dir).verify(reference["manifest"], expected)
+                store = ReplayStore(rank_dir)
+                if verified:
+                    store.read_manifest(reference["manifest"], expected)
+                else:
+                    store.verify(reference["manifest"], expected)
             except ReplayFileError as e:
                 raise CheckpointError(f"{e}. Nothing was changed: resume from another checkpoint in {path.parent}, "
                                       "or start a new run with another --run.name.") from None
@@ -165,6 +204,14 @@ class WMCLI(RunCLI):
         return LightningCLI.instantiate_trainer(self, logger=logger, callbacks=[*configured, *ours], **kwargs)
 
     # ---------------------------------------------------------------------------- subcommands
+    def test(self, model: Agent, datamodule: ReplayDataModule, ckpt_path: str | None = None, **kwargs) -> None:
+        """The trainer's test, then where its results went."""
+        self.trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        logger = self.trainer.logger
+        if rank_zero_only.rank == 0 and isinstance(logger, EnvStepMLFlowLogger) and logger.run_id:
+            uri = self.config[self.subcommand].run.tracking_uri
+            print(f"test results logged to MLflow run {logger.run_id} ({self.run_dir().name}) in {uri}", flush=True)
+
     def predict(self, model: Agent, datamodule: ReplayDataModule, ckpt_path: str | None = None, **kwargs) -> None:
         """Play `env.eval_episodes` greedy episodes of the checkpoint's policy, print their returns
         and write `env.eval_videos` of them side by side to `<run folder>/predictions/`; the run's
@@ -194,3 +241,8 @@ def main(args: list[str] | None = None) -> None:
     signum = interrupt_signal(cli.trainer)
     if signum is not None:  # interrupted: saved and stopped cleanly, but not finished
         sys.exit(128 + signum)
+    unsaved = getattr(cli.trainer.checkpoint_callback, "unsaved", None) if cli.subcommand == "fit" else None
+    if unsaved:  # ran to its end, but that end is not on disk: not finished (MLflow says KILLED)
+        print(f"error: the run's last state was not saved: {unsaved}. Free space, then resume it with --ckpt_path last",
+              file=sys.stderr)
+        sys.exit(1)

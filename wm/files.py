@@ -8,6 +8,7 @@ a kill at any moment leaves nothing half-written under a real name.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -53,14 +54,11 @@ def atomic_write(
     return target
 
 
-def hard_link(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Give `source`'s content a second name, atomically: `target` is replaced in one rename."""
-    target = Path(target)
-    temporary = temporary_sibling(target)
-    temporary.unlink(missing_ok=True)
-    os.link(source, temporary)
-    os.replace(temporary, target)
-    fsync_dir(target.parent)
+def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """A copy of `source` at `target`, written atomically (a copy, not a second name: writing one
+    of the two in place cannot change the other)."""
+    with open(source, "rb") as f:
+        atomic_write(target, lambda out: shutil.copyfileobj(f, out, 16 * 2**20))
 
 
 def remove_temporaries(directory: Path) -> None:

@@ -218,10 +218,14 @@ def open_loop_video(agent, episodes: list[tuple[list[np.ndarray], list[np.ndarra
     return side_by_side(clips, height=3 * size)
 
 
-def saliency_video(agent, frames: list[np.ndarray], actions: list[np.ndarray]) -> np.ndarray:
+def saliency_video(agent, frames: list[np.ndarray], actions: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """The first `SALIENCY_FRAMES` frames of an episode, each as `saliency_figure` draws it, on
-    one colour scale per map for the whole video: (T, H, W, 3) uint8."""
+    one colour scale per map for the whole video: (T, H, W, 3) uint8; and the middle frame as a
+    picture of its own, on its own scale (on the video's, one frame's heat can be too faint to see)."""
     maps = saliency(agent, np.stack(frames[:SALIENCY_FRAMES]), np.stack(actions[:SALIENCY_FRAMES]))
     scales = {name: float(heat.max()) for name, heat in maps.items()}
-    return np.stack([saliency_figure(f, {"value": v, "policy": p}, scales, f"t={t}")
-                     for t, (f, v, p) in enumerate(zip(frames, maps["value"], maps["policy"]))])
+    video = np.stack([saliency_figure(f, {"value": v, "policy": p}, scales, f"t={t}")
+                      for t, (f, v, p) in enumerate(zip(frames, maps["value"], maps["policy"]))])
+    middle = len(video) // 2
+    image = saliency_figure(frames[middle], {name: heat[middle] for name, heat in maps.items()}, title=f"t={middle}")
+    return video, image

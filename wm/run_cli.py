@@ -12,22 +12,26 @@ records the resolved config and the MLflow run, and a resume refuses a changed c
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from mlflow import MlflowClient
 
 from callbacks.checkpoint import LAST, AtomicCheckpointIO
 from callbacks.run_record import RunRecord
 from wm.files import atomic_write
 from wm.logger import EnvStepMLFlowLogger, artifact_location, create_store, ensure_experiment, sqlite_file, tracking_uri
+from wm.run_lock import RunLock, check_free
+from wm.threads import apply_threads
 from wm.runs import RECORD_KEY, RESUMABLE, changed_keys, derived_seed, describe_changes, flatten
-from wm.validation import ConfigError, check_config, fallback_message, precision_fallback
+from wm.validation import ConfigError, check_config, closest, precision_choice
 
 # MLflow 3's experiment tag that picks the UI's view: "custom_model_development" is the training-runs one.
 RUN_ID_FILE = "mlflow_run_id"
@@ -47,6 +51,9 @@ class RunConfig:
         store shared by every run under the root.
     checkpoint_every: environment frames (updates, for an offline world model) between kept
         checkpoints (last.ckpt is always updated).
+    threads: torch's CPU threads for the update; 0: OMP_NUM_THREADS where it is set, else half of
+        this process's cores (at least 1), so that other work on the machine does not stall every
+        parallel step of the update (README "Speed"). Env workers and other child processes get one.
     """
 
     name: str = ""
@@ -55,6 +62,23 @@ class RunConfig:
     experiment: str = "wm"
     tracking_uri: str = ""
     checkpoint_every: int = 100_000
+    threads: int = 0
+
+
+class RunArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one line: what is wrong, the closest valid key, and
+    where every option is listed (its usage runs to a hundred lines)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        keys = [action.dest for action in parser._actions if action.dest and action.dest != "help"]
+        hints = [closest(key, keys) for key in re.findall(r"--([A-Za-z0-9_.]+)", message)] if keys else []
+        prog = parser.prog.replace(" [options]", "")
+        suggested = "".join(hint.replace(" Did you mean ", " Did you mean --") for hint in hints)
+        sys.stderr.write(f"error: {' '.join(message.split()).rstrip('.')}.{suggested} Every option: {prog} --help\n")
+        self.exit(2)
 
 
 def run_root(config) -> Path:
@@ -92,11 +116,14 @@ class RunCLI(LightningCLI):
     def __init__(self, model_class, datamodule_class, **kwargs):
         self.record: dict | None = None  # the run record of the checkpoint resumed or evaluated (wm.runs)
         self.resolved: dict | None = None  # the resolved config, as checkpoints record it
+        self.lock: RunLock | None = None  # a fit's hold on its run folder
         users_store = os.environ.get("MLFLOW_TRACKING_URI")
         try:
             super().__init__(model_class, datamodule_class, save_config_callback=None, auto_configure_optimizers=False,
-                             **kwargs)
+                             parser_class=RunArgumentParser, **kwargs)
         finally:
+            if self.lock is not None:  # the fit ended (or failed): another process may take the run
+                self.lock.release()
             # MLflow exports the store it last used as MLFLOW_TRACKING_URI; a later run in this
             # process (a notebook, a benchmark, a test) must see the user's own setting instead.
             if users_store is None:
@@ -143,10 +170,10 @@ class RunCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         check_config(config, self.subcommand)
-        fallback = precision_fallback(config)
-        if fallback is not None:  # the configs recommend bf16-mixed; float32 where it is not native
-            rank_zero_warn(f"trainer.{fallback_message(config.trainer.precision, fallback)}")
-            config.trainer.precision = fallback
+        apply_threads(config.run.threads)
+        choice = precision_choice(config)  # the configs recommend bf16-mixed; float32 where it is not faster
+        if choice is not None and rank_zero_only.rank == 0:
+            print(f"trainer.{choice}", flush=True)
         if self.record is None:  # a recorded config has them already
             self.derive_seeds(config)
             config.run.tracking_uri = tracking_uri(config.run.tracking_uri, run_root(config), self.run_dir())
@@ -158,14 +185,17 @@ class RunCLI(LightningCLI):
     def prepare_fit(self, config) -> None:
         """Resolve `--ckpt_path last`, and refuse a resume with another config, or a new run over an
         old one, before anything exists."""
+        if rank_zero_only.rank == 0:  # first: a live run's files are being written, nothing else is checked
+            check_free(self.run_dir())
         checkpoints = self.run_dir() / "checkpoints"
         if config.ckpt_path == "last":
             # As in Lightning, "last" with no checkpoint yet starts the run: a requeued job can
             # always pass it, and a run killed before its first checkpoint starts over.
-            last = checkpoints / LAST
-            config.ckpt_path = str(last) if last.exists() else None
-            if not last.exists():
-                rank_zero_warn(f"--ckpt_path last: {last} does not exist yet; starting {self.run_dir()} from the beginning")
+            chosen = self.resumable_checkpoint(checkpoints)
+            config.ckpt_path = str(chosen) if chosen is not None else None
+            if chosen is None:
+                rank_zero_warn(f"--ckpt_path last: {checkpoints / LAST} does not exist yet; starting {self.run_dir()} "
+                               "from the beginning")
         if config.ckpt_path:
             self.record = read_checkpoint(Path(config.ckpt_path)).get(RECORD_KEY)
             self.check_unchanged(config.ckpt_path)
@@ -174,6 +204,36 @@ class RunCLI(LightningCLI):
                 f"run folder {self.run_dir()} already holds checkpoints; resume it with --ckpt_path last, "
                 "or start a new run with another --run.name (nothing was changed)"
             )
+
+    def resumable_checkpoint(self, checkpoints: Path) -> Path | None:
+        """What `--ckpt_path last` resumes: last.ckpt, or, where it cannot be resumed (cut short by
+        a quota or a copy, or its replay damaged), the newest `envstep=` checkpoint that loads and
+        whose replay is whole, said once; None with no checkpoint at all."""
+        def frames(path: Path) -> int:
+            return int(path.stem.partition("=")[2]) if path.stem.partition("=")[2].isdigit() else -1
+
+        candidates = [checkpoints / LAST, *sorted(checkpoints.glob("envstep=*.ckpt"), key=frames, reverse=True)]
+        problems = []
+        for path in (p for p in candidates if p.exists()):
+            try:
+                problem = self.replay_problem(path, read_checkpoint(path))
+            except CheckpointError as error:
+                problem = str(error).split("; nothing was changed")[0]
+            if problem is None:
+                if problems:
+                    rank_zero_warn(f"--ckpt_path last: {problems[0]}; resuming from {path.name} instead, the newest "
+                                   "checkpoint that loads and whose replay is whole")
+                return path
+            problems.append(problem)
+        if problems:
+            raise CheckpointError(f"--ckpt_path last: no checkpoint in {checkpoints} can be resumed: {'; '.join(problems)}. "
+                                  "Nothing was changed: start a new run with another --run.name")
+        return None
+
+    def replay_problem(self, path: Path, checkpoint: dict) -> str | None:
+        """What keeps a checkpoint that loads from resuming besides its weights (a subclass's
+        replay files); None when nothing does."""
+        return None
 
     def check_unchanged(self, path: str) -> None:
         """A resume continues a run under its name and MLflow run: it must train what the run trained."""
@@ -221,6 +281,12 @@ class RunCLI(LightningCLI):
         uri, run_id = config.run.tracking_uri, self.mlflow_run_id(run_dir)
         if run_id is not None and rank_zero_only.rank == 0:
             self.check_tracked(uri, run_id, run_dir)
+        if rank_zero_only.rank == 0:  # the first change to the run folder
+            self.lock = RunLock(run_dir)
+            left = self.lock.acquire()
+            if left is not None:
+                rank_zero_warn(f"{self.lock.path}: the last process on this run, {left}, ended without releasing it "
+                               "(killed); this one takes the run over")
         run_dir.mkdir(parents=True, exist_ok=True)
         db = sqlite_file(uri)
         if rank_zero_only.rank == 0:
@@ -244,8 +310,9 @@ class RunCLI(LightningCLI):
             artifact_location=artifact_location(uri),
             run_id=run_id,  # a resume, a restart before the first checkpoint and a test use the run's own
             log_model=fitting,  # checkpoints become run artifacts at the end of training
-            synchronous=False,  # metric writes to the store do not hold up training
+            synchronous=True,  # params, once at the start; metrics go through the logger's own writer thread
             keep_status=not fitting,  # reading a run never changes its status
+            run_dir=run_dir,
         )
 
     # ---------------------------------------------------------------------------- subcommands

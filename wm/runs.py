@@ -34,6 +34,7 @@ RESUMABLE: dict[str, str] = {
     "data.storage": "where the replay buffer lives, not what it holds",
     "data.memmap_dir": "where the replay buffer lives, not what it holds",
     "model.compile": "the compiled update computes what the eager one does (tests pin it)",
+    "run.threads": "how many CPU threads compute the same update",
     "run.root": "where the run folder lies (a moved run); its checkpoints and replay are checked as always",
     "run.tracking_uri": "where the MLflow run is stored (a moved store); the run must be found there, or the "
                         "command is refused",

@@ -7,12 +7,16 @@ naming the key, the value given, what is wrong and how to fix it.
 
 What needs the built objects is checked where they are built, still before the trainer (and with
 it the run folder and the MLflow run) is instantiated: LightningCLI instantiates the model, the
-datamodule and the env callback first. An unknown task fails in `EnvLoop.__init__`; an image size
-the conv encoder cannot halve four times fails in `wm.encoder.check_image_shape`.
+datamodule and the env callback first. An image size
+the conv encoder cannot halve four times fails in `wm.encoder.check_image_shape`. A misspelled
+task is named here with the closest valid one.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import time
 
 import torch
 from lightning.pytorch.accelerators import AcceleratorRegistry
@@ -46,9 +50,37 @@ def check_config(config, subcommand: str | None) -> None:
     raise ConfigError(f"{len(problems)} problems in the config:\n{lines}\n{NOTHING_CREATED}")
 
 
+def closest(value: str, valid: list[str]) -> str:
+    """" Did you mean X?" for the valid value nearest a misspelled one, else ""."""
+    match = difflib.get_close_matches(value, valid, n=1, cutoff=0.6)
+    return f" Did you mean {match[0]}?" if match else ""
+
+
+def task_problems(task) -> list[str]:
+    """An unknown `env.task`, named with the closest valid one (a suite whose simulator cannot
+    load here is left to the env's own one-line error)."""
+    from wm.envs import SUITES, available_tasks
+
+    if not isinstance(task, str):
+        return []
+    suite = task.partition("-")[0]
+    if suite not in SUITES:
+        names = sorted(SUITES)
+        return [f"env.task={task!r}: no suite {suite!r}.{closest(suite, names)} Suites: {', '.join(names)} "
+                "(a task is <suite>-<name>, e.g. dmc-walker_walk)."]
+    try:
+        tasks = available_tasks([suite])
+    except (RuntimeError, ImportError):
+        return []
+    if task in tasks:
+        return []
+    shown = ", ".join(tasks[:12]) + (f" and {len(tasks) - 12} more" if len(tasks) > 12 else "")
+    return [f"env.task={task!r} is not a task.{closest(task, tasks)} The {suite} tasks: {shown}."]
+
+
 # ----------------------------------------------------------------------------------- env and data
 def env_and_data_problems(config) -> list[str]:
-    problems = [
+    problems = [*task_problems(config.get("env.task")),
         *at_least(config, 1, "data.batch_size", "data.sequence_length", "data.capacity", "env.num_envs",
                   "env.action_repeat", "env.total_steps"),
         *at_least(config, 0, "env.prefill", "env.eval_every", "env.eval_episodes", "run.checkpoint_every"),
@@ -183,13 +215,40 @@ def supported_precisions(device: str) -> list[str] | None:
     return None
 
 
+def has_bf16_instructions() -> bool:
+    """Whether this CPU has bfloat16 matmul instructions (AVX512-BF16 or AMX)."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+@functools.cache
+def cpu_bf16_speedup(size: int = 1024, repeats: int = 3) -> float:
+    """A float32 matmul's time over a bfloat16 one's on this CPU, with this process's threads
+    (square `size`, best of `repeats`): whether the instructions are there is not whether torch's
+    kernels use them (one AVX512-BF16 CPU ran an eager bf16 update 2-4x slower than fp32)."""
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+BF16_MARGIN = 1.2  # bf16 on a CPU only where its matmul measured this much faster than float32's
+
+
 def native_bf16(device: str) -> bool:
-    """Whether `device` computes bfloat16 matmuls in hardware (Ampere or later GPUs; CPUs with
-    AVX512-BF16 or AMX), where bf16-mixed is the faster setting."""
+    """Whether `device` computes bfloat16 faster than float32, where bf16-mixed is the faster
+    setting: Ampere or later GPUs; CPUs with AVX512-BF16 or AMX whose bf16 matmul also measured
+    faster here (`cpu_bf16_speedup`)."""
     if device == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device == "cpu":
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return has_bf16_instructions() and cpu_bf16_speedup() > BF16_MARGIN
     return False
 
 
@@ -203,21 +262,31 @@ def effective_precision(precision, device: str) -> str:
     return precision
 
 
-def fallback_message(requested, effective: str) -> str:
-    return (f"precision={requested}: this device has no native bfloat16 (no AVX512-BF16 or AMX CPU, no Ampere or "
-            f"newer GPU) and would emulate it slower than float32; running in {effective} instead")
+def fallback_message(requested, effective: str, device: str = "cpu") -> str:
+    if device == "cpu" and has_bf16_instructions():
+        why = (f"this CPU has bfloat16 instructions, but a bfloat16 matmul measured {cpu_bf16_speedup():.2f} times "
+               f"float32's speed here (under the {BF16_MARGIN} that pays for mixed precision)")
+    else:
+        why = "this device has no native bfloat16 (no AVX512-BF16 or AMX CPU, no Ampere or newer GPU) and would emulate it"
+    return f"precision={requested}: {why}; running in {effective} instead"
 
 
-def precision_fallback(config) -> str | None:
-    """The precision a config's bf16-mixed becomes on a device that would only emulate it
-    (`effective_precision`); None where nothing changes."""
+def precision_choice(config) -> str | None:
+    """What the precision rule decided for a config's bf16-mixed, in one line (the precision
+    becomes float32 where bf16 is not faster, `effective_precision`), and sets it; None where
+    there was nothing to decide."""
     accelerator = config.get("trainer.accelerator")
-    precision = config.get("trainer.precision")
-    if not isinstance(accelerator, str):
+    precision = PRECISION_ALIASES.get(config.get("trainer.precision"), config.get("trainer.precision"))
+    if not isinstance(accelerator, str) or precision != "bf16-mixed":
         return None
     device, _ = resolve_accelerator(accelerator)
     effective = effective_precision(precision, device)
-    return effective if effective != PRECISION_ALIASES.get(precision, precision) else None
+    if effective != precision:
+        config.trainer.precision = effective
+        return fallback_message(precision, effective, device)
+    if device == "cpu":
+        return f"precision=bf16-mixed: a bfloat16 matmul measured {cpu_bf16_speedup():.1f} times float32's speed on this CPU"
+    return None
 
 
 def precision_problems(config, device: str) -> list[str]:

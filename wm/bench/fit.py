@@ -237,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a `python -m wm fit` config (repeat for more, e.g. an objective)")
     parser.add_argument("--seconds", type=float, default=120.0, help="wall seconds of training to measure")
     parser.add_argument("--warmup", type=int, default=1, help="updates before the measurement starts")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (--run.threads; 0: the fit's rule)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
@@ -253,15 +253,13 @@ def summary(result: dict) -> dict:
 
 def run(args: argparse.Namespace) -> None:
     """Run and report; extra `--key value` fit options come in `args.overrides` (a list)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     retained = retain_freed_memory()
     timer = FitTimer(args.seconds, args.warmup)
     BenchCLI.timer = timer
     with tempfile.TemporaryDirectory(prefix="wm-bench-fit-") as root:
         cli_args = ["fit", *(a for config in args.config for a in ("--config", config)),
                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                    *getattr(args, "overrides", []),
+                    *getattr(args, "overrides", []), *(["--run.threads", str(args.threads)] if args.threads else []),
                     # the run lives and is tracked in the temporary root, whatever the configs say
                     "--run.root", root, "--run.name", "bench", "--run.tracking_uri", sqlite_uri(Path(root) / "mlflow.db")]
         argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads `cli_args` only (and says so when argv has more)

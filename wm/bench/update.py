@@ -24,6 +24,7 @@ from wm.agent import Agent
 from wm.allocator import freed_memory_label, retain_freed_memory
 from wm.files import atomic_write
 from wm.objectives import OBJECTIVES, make_objective
+from wm.threads import choose_threads
 from wm.profiling import ProcessUsage, ProfileBatch, describe_usage, set_compile_cache, start_recording, stop_recording
 from wm.sizes import SIZES
 from wm.synthetic import random_batch
@@ -118,8 +119,7 @@ def measure_update(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     requested = PRECISIONS[args.precision]
     precision = effective_precision(requested, args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(choose_threads(args.threads)[0])  # the fit's rule, so that the two figures compare
     if args.compile:
         if args.cold:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="wm-compile-cold-")
@@ -205,7 +205,8 @@ def describe_update(result: dict) -> str:
 
 def bench_update(args: argparse.Namespace) -> None:
     if effective_precision(PRECISIONS[args.precision], args.device) != PRECISIONS[args.precision]:
-        print(fallback_message(PRECISIONS[args.precision], effective_precision(PRECISIONS[args.precision], args.device)))
+        print(fallback_message(PRECISIONS[args.precision], effective_precision(PRECISIONS[args.precision], args.device),
+                               args.device))
     result = measure_update(args)
     print(describe_update(result), flush=True)
     if args.json:
@@ -254,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="update --compile: the repeated blocks, or the whole update as one graph")
     parser.add_argument("--updates", type=int, default=5, help="timed updates")
     parser.add_argument("--warmup", type=int, default=2, help="untimed updates first")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the fit's rule, --run.threads)")
     parser.add_argument("--rows", type=int, default=100_000, help="replay: rows in the buffer at the first save")
     parser.add_argument("--new-rows", type=int, default=12_500, help="replay: rows added before the next save")
     parser.add_argument("--dir", default=None, help="replay: where to write (default: the system's temporary folder)")

@@ -3,7 +3,7 @@
     python -m wm.probe collect --task dmc-cartpole_swingup --frames 20000 --out data/probe/dmc-cartpole_swingup
     python -m wm.probe train --config configs/probe/train.yaml --config configs/objective/barlow.yaml \\
         --data.dataset data/probe/dmc-cartpole_swingup
-    python -m wm.probe eval --ckpt runs/probe-dmc/<run>/checkpoints/last.ckpt --data data/probe/dmc-cartpole_swingup
+    python -m wm.probe eval --ckpt runs/probe/<run>/checkpoints/last.ckpt --data data/probe/dmc-cartpole_swingup
     python -m wm.probe eval --anchor true --data data/probe/dmc-cartpole_swingup
     python -m wm.probe study --config configs/probe/dmc.yaml
 """

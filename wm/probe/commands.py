@@ -158,10 +158,11 @@ def anchor_run(args, dataset: ProbeDataset) -> tuple[str, str]:
 
 def eval_main(argv: list[str]) -> None:
     args = eval_parser().parse_args(argv)
-    dataset = ProbeDataset(args.data)
     started = time.perf_counter()
-    if args.ckpt is not None:
+    if args.ckpt is not None:  # the checkpoint first: a damaged one is refused before the dataset is read
         world_model, checkpoint = evaluate.load_world_model(args.ckpt)
+    dataset = ProbeDataset(args.data)
+    if args.ckpt is not None:
         result = evaluate.probe_world_model(world_model, dataset, args.observe, args.horizon, args.seed)
         record = checkpoint.get(RECORD_KEY) or {}
         name = args.ckpt.resolve().parent.parent.name

@@ -45,8 +45,9 @@ def load_world_model(path: str | Path) -> tuple[WorldModel, dict]:
     """The world model of an agent or offline checkpoint, in evaluation mode, and the checkpoint."""
     from wm.agent import Agent, rebuild
     from wm.probe.offline import OfflineWorldModel
+    from wm.run_cli import read_checkpoint
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(Path(path))  # a damaged file is refused in one line
     cls = Agent if "actor_critic" in checkpoint["hyper_parameters"] else OfflineWorldModel
     return rebuild(cls, checkpoint).world_model.eval(), checkpoint
 

@@ -15,19 +15,23 @@ the latents a fit writes back come from its own, changing, model.
 
 from __future__ import annotations
 
+import shlex
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch.utils.data import DataLoader, IterableDataset
 
 from wm.agent import rebuild, save_plain_hyperparameters
 from wm.distributions import POLICY_UNIMIX
+from wm.durations import format_duration
 from wm.objectives import DEFAULT_OBJECTIVE, Objective, make_objective, objective_name
 from wm.optim import OptimizerConfig, guarded_step
 from wm.probe.dataset import STATE_PREFIX, ProbeDataset
@@ -151,6 +155,54 @@ class ProbeDataModule(L.LightningDataModule):
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
+class UpdateProgressBar(TQDMProgressBar):
+    """The bar a fit shows, for an offline world model: updates towards `trainer.max_steps` with
+    the ETA, updates/s and the last training and held-out losses (no `v_num`, no validation bar)."""
+
+    def init_train_tqdm(self) -> Tqdm:
+        return Tqdm(desc="Training", position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                    dynamic_ncols=True, file=sys.stdout, smoothing=0.05,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} updates [{elapsed}<{remaining}, "
+                               "{rate_fmt}{postfix}]")
+
+    def init_validation_tqdm(self) -> Tqdm:
+        bar = super().init_validation_tqdm()
+        bar.disable = True  # a few fixed held-out batches: their loss shows on the training bar
+        return bar
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, str]:
+        logged = trainer.callback_metrics
+        return {name: f"{float(logged[key]):.3f}" for name, key in (("loss", "train/loss"), ("heldout", "heldout/loss"))
+                if key in logged}
+
+
+class TrainingSummary(L.Callback):
+    """What a finished or stopped offline training did, where its checkpoints are, and the next
+    commands: probe it, and open its MLflow run."""
+
+    def __init__(self, run_dir: Path, tracking_uri: str, dataset: str):
+        self.run_dir, self.tracking_uri, self.dataset = Path(run_dir), tracking_uri, dataset
+        self.started = time.monotonic()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            print("\n" + "\n".join(self.lines(trainer)), flush=True)
+
+    def lines(self, trainer: L.Trainer) -> list[str]:
+        done = trainer.global_step >= trainer.max_steps
+        logged = trainer.callback_metrics
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        lines = [f"{'World model trained' if done else 'Training stopped (resume it with --ckpt_path last)'}: "
+                 f"{self.run_dir.name}",
+                 f"  updates: {trainer.global_step:,} of {trainer.max_steps:,}"
+                 + (f", held-out loss {float(logged['heldout/loss']):.3f}" if "heldout/loss" in logged else ""),
+                 f"  wall time: {format_duration(time.monotonic() - self.started)} (this session)",
+                 f"  checkpoint: {last.resolve()}",
+                 f"  probe it: python -m wm.probe eval --ckpt {shlex.quote(str(last))} --data {shlex.quote(self.dataset)}",
+                 f"  open it: mlflow ui --backend-store-uri {shlex.quote(self.tracking_uri)}"]
+        return lines
+
+
 class ProbeCLI(RunCLI):
     """The run machinery of `python -m wm fit` for an offline world model: one run folder and MLflow
     run per `<dataset>-<objective>-s<seed>`, checkpoints every `run.checkpoint_every` updates, and a
@@ -184,8 +236,11 @@ class ProbeCLI(RunCLI):
         super().before_instantiate_classes()
 
     def fit_callbacks(self, config, run_dir: Path, uri: str) -> list:
-        return [ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="updates={step}", save_last=True,
-                                save_top_k=-1, every_n_train_steps=config.run.checkpoint_every)]
+        checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="updates={step}", save_last=True,
+                                      auto_insert_metric_name=False, save_top_k=-1,
+                                      every_n_train_steps=config.run.checkpoint_every)
+        bar = [UpdateProgressBar()] if config.trainer.enable_progress_bar is not False else []
+        return [checkpoints, *bar, TrainingSummary(run_dir, uri, config.data.dataset)]
 
 
 def main(args: list[str]) -> None:
