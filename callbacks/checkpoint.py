@@ -84,6 +84,12 @@ def replay_reference(path: Path) -> dict | None:
         return None
 
 
+def collect_replay_garbage(store, directory: Path) -> None:
+    """Delete the replay files that no checkpoint in `directory` needs."""
+    kept = (replay_reference(path) for path in directory.glob("*.ckpt"))
+    store.collect_garbage({ref["manifest"] for ref in kept if ref})
+
+
 class EnvStepCheckpoint(ModelCheckpoint):
     """Writes `last.ckpt` every `every` env frames (kept as `envstep=<frames>.ckpt` too), at the
     end of training and on interrupt. Lightning's own saving schedule is off (`save_top_k=0`);
@@ -154,19 +160,18 @@ class EnvStepCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("EnvStepCheckpoint.save")
         store = trainer.datamodule.store
         if store is not None:
-            kept = (replay_reference(path) for path in directory.glob("*.ckpt"))
-            store.collect_garbage({ref["manifest"] for ref in kept if ref})
+            collect_replay_garbage(store, directory)
         self.last_model_path = str(last)
         for logger in trainer.loggers:
             logger.after_save_checkpoint(weakref.proxy(self))
 
     def out_of_space(self, trainer: L.Trainer, error: OSError, frames: int, saved: bool) -> None:
         """Say once, in one line, what was not saved and what still resumes the run."""
-        remove_temporaries(Path(self.dirpath))
+        directory = Path(self.dirpath)
+        remove_temporaries(directory)
         store = trainer.datamodule.store if trainer.datamodule is not None else None
-        for folder in (store.chunk_dir, store.manifest_dir) if store is not None else ():
-            if folder.exists():
-                remove_temporaries(folder)
+        if store is not None:  # the replay files this save wrote before its checkpoint failed are no one's
+            collect_replay_garbage(store, directory)
         where = error.filename or self.dirpath
         if saved:  # last.ckpt is new and resumes the run; only its kept copy failed
             self.resumes_at = frames

@@ -206,14 +206,15 @@ def test_refused_and_read_only_commands_leave_a_finished_run_alone(tmp_path):
         result = subprocess.run([sys.executable, "-m", "wm", command, *TINY, "--run.root", str(tmp_path), *extra],
                                 cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode != 0, result.stderr[-2000:]
-    # A damaged replay file: the resume is refused before the run is touched.
-    # the newest chunk (names are <start>-<end>-<hash>, zero-padded): one that last.ckpt's replay reads
-    chunk = max((run_dir / "checkpoints/replay/rank0/chunks").glob("*.chunk"))
-    files[chunk] = chunk.read_bytes()[:-5]
-    chunk.write_bytes(files[chunk])
+    # Every replay chunk damaged, so no older checkpoint can stand in (test_faults has that
+    # fallback): the resume is refused before the run is touched.
+    for chunk in (run_dir / "checkpoints/replay/rank0/chunks").glob("*.chunk"):
+        files[chunk] = chunk.read_bytes()[:-5]
+        chunk.write_bytes(files[chunk])
     result = subprocess.run([sys.executable, "-m", "wm", "fit", *TINY, "--run.root", str(tmp_path),
                              "--env.total_steps", "48", "--ckpt_path", "last"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "corrupted or truncated" in result.stderr and "Traceback" not in result.stderr
+    assert "no checkpoint in" in result.stderr and "can be resumed" in result.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([before.info.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == before.info.run_id

@@ -103,7 +103,8 @@ def test_a_save_out_of_space_keeps_the_last_checkpoint_and_the_run_resumes(tmp_p
     assert run_wm(tmp_path, *fit_args(tmp_path, "--env.total_steps", "40")).returncode == 0
     frames, updates = counters(last)
     manifests = sorted((run_dir / "checkpoints/replay/rank0/manifests").iterdir())
-    # Resumed under a 2 MiB file-size limit: every checkpoint and replay chunk is larger.
+    # Resumed under a 2 MiB file-size limit: every checkpoint is larger (a replay chunk of a few
+    # frames fits, and its manifest must not outlive the failed save).
     limited = run_wm(tmp_path, *fit_args(tmp_path, "--env.total_steps", "80", "--ckpt_path", "last"),
                      preexec=limit_file_size(2))
     assert limited.returncode == 1, limited.stderr[-3000:]
