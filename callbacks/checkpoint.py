@@ -30,7 +30,7 @@ from callbacks.env_loop import EnvLoop
 from callbacks.interrupt import interrupt_signal
 from lightning.pytorch.utilities import rank_zero_warn
 
-from wm.files import atomic_write, copy_file, remove_temporaries
+from wm.run.files import atomic_write, copy_file, remove_temporaries
 
 LAST = "last.ckpt"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit

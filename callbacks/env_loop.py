@@ -1,93 +1,42 @@
 """The environment-interaction callback: collects the experience that the replay DataModule feeds.
 
 Random prefill first, then after every update as many environment steps as the train ratio asks
-(docs/algorithm.md §1 "Data"), acting with the agent's policy. Episode returns, lengths and success are
-logged; counters live in `state_dict` so a resumed run continues its step count. Greedy
-evaluations (callbacks/evaluation.py) run during training and, for `python -m wm test` and
-`predict`, as the test and predict loops' batches, logged at the env frames of the checkpoint under test.
+(docs/algorithm.md §1 "Data"), acting with the agent's policy; counters live in `state_dict` so a
+resumed run continues its step count. What it logs is callbacks/metrics.py; its greedy
+evaluations (during training and, for `python -m wm test` and `predict`, as the test and predict
+loops' batches) are callbacks/evaluation.py's `GreedyEvaluation`, a part of this callback.
 
-Its phases are timed for `python -m wm.bench fit` (wm.profiling.phase, free unless a benchmark
+Its phases are timed for `python -m wm.bench fit` (wm.model.phases.phase, free unless a benchmark
 records): "env" (stepping the envs and storing the steps), "act" (the policy's actions for the
 envs), "eval" (evaluations during training) and "logging".
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm import tqdm
 
-from callbacks.evaluation import Episode, EpisodeStats, achievement_rates, play_episodes, success_rate
+from callbacks.evaluation import Episode, EpisodeStats, GreedyEvaluation
 from callbacks.interrupt import interrupt_signal
+from callbacks.metrics import log_collection
 from datamodules.replay_store import new_save_id
-from wm.durations import format_duration, update_count
 from wm.envs import make_env, make_vector_env
-from wm.envs.crafter import CRAFTER_ACHIEVEMENTS, crafter_score
-from wm.inspection import (OPEN_LOOP_CONTEXT, OPEN_LOOP_FRAMES, open_loop, open_loop_grid, open_loop_video,
-                           saliency_video)
-from wm.logger import EnvStepMLFlowLogger
-from wm.profiling import phase
-from wm.video import side_by_side, write_mp4
+from wm.envs.base import env_spec
+from wm.model.phases import phase
+from wm.run.durations import gpu_sized_on_cpu, update_count
 
 
 FRAMES_BAR = "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} frames [{elapsed}<{remaining}{postfix}]"
-# Seconds per size12M bf16 update on wm's development machine (2 CPU cores, AVX512-BF16): compiled
-# as one graph, and in compiled regions (the default) inside a DMC fit (README "Speed").
-CPU_SIZE12M_UPDATE_SECONDS = (1.6, 2.0)
 
-
-def achievement_metrics(prefix: str, episodes: list[dict[str, bool]]) -> dict[str, float]:
-    """`<prefix>/achievement/<name>` success rates over the episodes and, where the env reports
-    Crafter's achievements, `<prefix>/crafter_score`; nothing for envs without achievements."""
-    rates = achievement_rates(episodes)
-    if not rates:
-        return {}
-    metrics = {f"{prefix}/achievement/{name}": rate for name, rate in rates.items()}
-    if set(rates) == set(CRAFTER_ACHIEVEMENTS):
-        metrics[f"{prefix}/crafter_score"] = crafter_score(list(rates.values()))
-    return metrics
-
-
-@dataclass(frozen=True)
-class EnvSpec:
-    """What the model must be built for: observation shapes and the action space."""
-
-    observation_shapes: dict[str, tuple[int, ...]]
-    action_dim: int
-    discrete: bool
-
-
-def env_spec(env: gym.Env) -> EnvSpec:
-    obs_space, act_space = env.observation_space, env.action_space
-    shapes = {k: tuple(int(d) for d in space.shape) for k, space in obs_space.spaces.items()}
-    if isinstance(act_space, gym.spaces.Discrete):
-        return EnvSpec(shapes, int(act_space.n), True)
-    if isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:
-        return EnvSpec(shapes, int(act_space.shape[0]), False)
-    raise ValueError(f"unsupported action space {act_space}: use Box(-1, 1, (A,)) or Discrete(n)")
-
-
-def store_write(logger, what: str, write) -> None:
-    """An artifact write that must not end the run when the store or the disk fails (wm.logger)."""
-    if isinstance(logger, EnvStepMLFlowLogger):
-        logger.guarded(what, write)
-    else:
-        write()
-
-
-class EnvLoop(L.Callback):
+class EnvLoop(GreedyEvaluation, L.Callback):
     """Steps `num_envs` copies of `task` and writes every step into the replay buffer.
 
     Args:
@@ -104,7 +53,7 @@ class EnvLoop(L.Callback):
         eval_videos: evaluation episodes recorded side by side in an mp4 artifact (0: no video).
         seed: seed of the env resets and random prefill actions (evaluation envs: seed + 10^6);
             rank r of a multi-process run uses seed + 1000 r. None: `python -m wm` derives it
-            from the run's seed (`seed_everything`, see wm.runs.derived_seed); 0 for an EnvLoop
+            from the run's seed (`seed_everything`, see wm.run.identity.derived_seed); 0 for an EnvLoop
             made in code.
         video_dir: background videos of dmc_distracting tasks (train/ and eval/ sub-folders);
             none: the built-in procedural backgrounds.
@@ -206,15 +155,7 @@ class EnvLoop(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.rank_seed = self.seed + 1000 * trainer.global_rank
         if stage in ("test", "predict"):
-            # Results are logged at the env frames of the checkpoint under test, which the test
-            # and predict loops (unlike a resumed fit) do not restore into the callbacks.
-            if trainer.ckpt_path:
-                state = torch.load(trainer.ckpt_path, map_location="cpu", mmap=True, weights_only=True)["callbacks"]
-                self.env_steps, self.episodes = state[self.state_key]["env_steps"], state[self.state_key]["episodes"]
-            for logger in trainer.loggers:
-                if isinstance(logger, EnvStepMLFlowLogger):
-                    logger.env_steps = self.env_steps
-            trainer.datamodule.provide_test_episodes(lambda: self._test_episodes(trainer, pl_module))
+            self.setup_evaluation(trainer, pl_module)
         if stage != "fit":
             return
         size = pl_module.world_model.size
@@ -264,22 +205,10 @@ class EnvLoop(L.Callback):
 
     def _warn_if_gpu_sized(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A config sized for a GPU that trains on a CPU would run for days; say so at the start."""
-        size = getattr(pl_module.hparams, "size", None)
-        if trainer.strategy.root_device.type != "cpu" or size in (None, "size1M"):
-            return
-        updates = self.updates_left(trainer)
-        low, high = (updates * seconds for seconds in CPU_SIZE12M_UPDATE_SECONDS)
-        if high < 3600:
-            return
-        rank_zero_warn(
-            f"this fit is sized for a GPU and runs on a CPU: {updates:,} updates of a {size} model are left. On wm's "
-            f"2-core development CPU a size12M update took {CPU_SIZE12M_UPDATE_SECONDS[0]:.1f} s at best (compiled as "
-            f"one graph, bf16) and {CPU_SIZE12M_UPDATE_SECONDS[1]:.1f} s inside a DMC fit (compiled regions, the default), "
-            "so this run would take "
-            f"{format_duration(low)} to {format_duration(high)}{' or more (a larger model)' if size != 'size12M' else ''} "
-            "there. The progress bar's ETA shows this machine's own figure once training runs; configs/cpu/ and "
-            "configs/quickstart.yaml are sized for a CPU."
-        )
+        if trainer.strategy.root_device.type == "cpu":
+            warning = gpu_sized_on_cpu(self.updates_left(trainer), getattr(pl_module.hparams, "size", None))
+            if warning:
+                rank_zero_warn(warning)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         dm = trainer.datamodule
@@ -295,7 +224,7 @@ class EnvLoop(L.Callback):
             if evaluated:
                 self.next_eval += self.eval_every
         with phase("logging"):
-            self._log(trainer, pl_module)
+            log_collection(self, trainer)
         if self.env_steps >= self.total_steps:
             trainer.should_stop = True
 
@@ -366,152 +295,3 @@ class EnvLoop(L.Callback):
                 "is_terminal": np.asarray(terminated, bool) & ~first,
             }
         )
-
-    # ------------------------------------------------------------------------ evaluation
-    def _eval_envs(self) -> gym.vector.VectorEnv:
-        """Up to `num_envs` parallel evaluation envs (the eval split of video backgrounds), made
-        once and restarted like the training envs."""
-        if self.eval_envs is None:
-            self.eval_envs = make_vector_env(
-                self.task, min(self.eval_episodes, self.num_envs), self.action_repeat, time_limit=self.time_limit,
-                autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP, video_dir=self.video_dir, split="eval",
-            )
-        return self.eval_envs
-
-    def _greedy_episodes(self, trainer: L.Trainer, pl_module: L.LightningModule):
-        """`eval_episodes` greedy episodes, yielded as they finish; fewer if a stop signal came."""
-        def act(obs, first, state):
-            return self._act(pl_module, obs, first, state, "greedy")
-
-        with torch.no_grad():
-            yield from play_episodes(self._eval_envs(), act, self.eval_episodes, self.rank_seed + 10**6 + self.episodes,
-                                     record=self.eval_videos, stop=lambda: interrupt_signal(trainer) is not None,
-                                     to_env=self._to_env)
-
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
-        """`eval_episodes` greedy episodes on parallel eval envs: logs eval/* and the video, and
-        returns the mean return; None, and nothing logged, if a stop signal cut it short."""
-        episodes = list(self._greedy_episodes(trainer, pl_module))
-        if len(episodes) < self.eval_episodes:
-            return None
-        returns = np.array([e.ret for e in episodes])
-        self.last_eval_return, self.last_eval_std = float(returns.mean()), float(returns.std())
-        self.last_eval_at = self.env_steps
-        self._log_to_loggers(trainer, {
-            "eval/return": self.last_eval_return,
-            "eval/return_std": self.last_eval_std,
-            "eval/length": float(np.mean([e.length for e in episodes])),
-            **{f"eval/{k}": v for k, v in success_rate([e.success for e in episodes]).items()},
-            **achievement_metrics("eval", [e.achievements for e in episodes]),
-        })
-        self._log_video(trainer, episodes, "eval")
-        return self.last_eval_return
-
-    # ------------------------------------------------------------------ `python -m wm test`
-    def _test_episodes(self, trainer: L.Trainer, pl_module: L.LightningModule):
-        """The test loop's batches: greedy episodes, kept for `on_test_epoch_end`."""
-        self.tested: list[Episode] = []
-        for episode in self._greedy_episodes(trainer, pl_module):
-            self.tested.append(episode)
-            yield episode
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """What the per-episode means of the agent's test_step leave out: the spread over episodes,
-        every episode's result (a CSV artifact) and the video."""
-        if not self.tested:
-            return
-        returns = np.array([e.ret for e in self.tested])
-        self._log_to_loggers(trainer, {"test/return_std": float(returns.std()), "test/episodes": float(len(returns))})
-        table = io.StringIO()
-        writer = csv.writer(table)
-        writer.writerow(["episode", "return", "length", "success"])
-        writer.writerows([i, e.ret, e.length, "" if e.success is None else int(e.success)] for i, e in enumerate(self.tested))
-        name = f"test/episodes_{self.env_steps:09d}.csv"
-        for logger in self._mlflow_loggers(trainer):
-            store_write(logger, name, lambda lg=logger: lg.experiment.log_text(lg.run_id, table.getvalue(), name))
-        self._log_video(trainer, self.tested, "test")
-        self._log_inspection(trainer, pl_module, [e for e in self.tested if e.frames])
-
-    def _log_inspection(self, trainer: L.Trainer, pl_module: L.LightningModule, recorded: list[Episode]) -> None:
-        """Open-loop predictions of the recorded episodes (with an image decoder) and the occlusion
-        saliency of the first one: mp4s in videos/, and as PNGs in images/ the saliency of its
-        middle frame and the open-loop grid of the first episode."""
-        loggers = self._mlflow_loggers(trainer)
-        if not recorded or not loggers:
-            return
-        video, image = saliency_video(pl_module, recorded[0].frames, recorded[0].actions)
-        videos, images = {"saliency": video}, {"saliency": image}
-        if pl_module.world_model.objective.image_decoder() is not None:
-            videos["openloop"] = open_loop_video(pl_module, [(e.frames, e.actions) for e in recorded])
-            first = recorded[0]
-            rows = open_loop(pl_module, np.stack(first.frames[:OPEN_LOOP_FRAMES]), np.stack(first.actions[:OPEN_LOOP_FRAMES]),
-                             OPEN_LOOP_CONTEXT)
-            images["openloop"] = open_loop_grid(rows, OPEN_LOOP_CONTEXT)
-        self._log_videos(trainer, videos)
-        for logger in loggers:
-            for name, image in images.items():
-                path = f"images/{name}_{self.env_steps:09d}.png"
-                store_write(logger, path, lambda lg=logger, im=image, p=path: lg.experiment.log_image(lg.run_id, im, p))
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.close()
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.close()
-
-    # --------------------------------------------------------------------------- logging
-    def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
-        """Metrics against environment frames, the x axis of every published curve; also moves
-        the env-step logger's clock, which Lightning's own logging then uses."""
-        for logger in trainer.loggers:
-            if isinstance(logger, EnvStepMLFlowLogger):
-                logger.env_steps = self.env_steps
-            if trainer.is_global_zero:
-                logger.log_metrics(metrics, step=self.env_steps)
-
-    @staticmethod
-    def _mlflow_loggers(trainer: L.Trainer) -> list[MLFlowLogger]:
-        return [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)] if trainer.is_global_zero else []
-
-    def _log_video(self, trainer: L.Trainer, episodes: list[Episode], prefix: str) -> None:
-        """The recorded episodes side by side, enlarged, as `videos/<prefix>_<env frames>.mp4`."""
-        recorded = [e.frames for e in episodes if e.frames]
-        if recorded and self._mlflow_loggers(trainer):
-            self._log_videos(trainer, {prefix: side_by_side(recorded)})
-
-    def _log_videos(self, trainer: L.Trainer, videos: dict[str, np.ndarray]) -> None:
-        """Each (T, H, W, 3) video as `videos/<name>_<env frames>.mp4`, at the env's frame rate."""
-        def write_and_log() -> None:
-            with tempfile.TemporaryDirectory() as folder:
-                for name, video in videos.items():
-                    write_mp4(Path(folder) / f"{name}_{self.env_steps:09d}.mp4", video, fps=max(1, round(50 / self.action_repeat)))
-                for logger in self._mlflow_loggers(trainer):
-                    logger.experiment.log_artifacts(logger.run_id, folder, "videos")
-
-        loggers = self._mlflow_loggers(trainer)
-        if loggers:
-            store_write(loggers[0], f"the videos at {self.env_steps:,} frames", write_and_log)
-
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        now = time.perf_counter()
-        start, steps, updates = self.clock
-        if now - start >= 10.0:  # a window long enough for slow (CPU, size12M) runs
-            self.fps = (self.env_steps - steps) / (now - start)
-            self.updates_per_second = (trainer.global_step - updates) / (now - start)
-            self.clock = (now, self.env_steps, trainer.global_step)
-        log_now = trainer.global_step % max(1, trainer.log_every_n_steps) == 0
-        if self.finished and log_now:
-            # One write per logging interval: the mean over the episodes that ended in it.
-            returns, lengths = (np.asarray(column) for column in list(zip(*self.finished))[:2])
-            self._log_to_loggers(trainer, {
-                "episode/return": float(returns.mean()),
-                "episode/length": float(lengths.mean()),
-                **{f"episode/{k}": v for k, v in success_rate([episode[2] for episode in self.finished]).items()},
-                "episode/count": float(len(returns)),
-                **achievement_metrics("episode", [episode[3] for episode in self.finished]),
-            })
-            self.finished.clear()
-        if log_now:
-            self._log_to_loggers(trainer, {"env/fps": self.fps, "env/updates_per_second": self.updates_per_second,
-                                           "env/episodes": float(self.episodes), "env/restarts": float(self.envs.restarts),
-                                           "train/updates": float(trainer.global_step)})

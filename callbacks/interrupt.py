@@ -19,7 +19,7 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from wm.logger import EnvStepMLFlowLogger
+from wm.run.tracking import EnvStepMLFlowLogger
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 

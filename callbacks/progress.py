@@ -21,8 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.env_loop import FRAMES_BAR, EnvLoop
 from callbacks.interrupt import interrupt_signal
-from wm.durations import format_duration
-from wm.logger import EnvStepMLFlowLogger, ui_address
+from wm.run.durations import format_duration
+from wm.run.tracking import EnvStepMLFlowLogger, ui_address
 
 
 def env_loop(trainer: L.Trainer) -> EnvLoop | None:

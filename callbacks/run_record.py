@@ -1,4 +1,4 @@
-"""Every checkpoint records its run: the resolved config and the MLflow run (wm.runs).
+"""Every checkpoint records its run: the resolved config and the MLflow run (wm.run.identity).
 
 With the record a resume can refuse a changed config before anything is touched, and `test` or
 `predict` can rebuild the run's env, model and tracking from the checkpoint alone.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 
-from wm.runs import RECORD_KEY
+from wm.run.identity import RECORD_KEY
 
 
 class RunRecord(L.Callback):

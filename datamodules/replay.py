@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.replay_buffer import ReplayBuffer, ReplayFileError, buffer_config, buffer_nbytes
 from datamodules.replay_store import ReplayStore
-from wm.profiling import phase
+from wm.model.phases import phase
 
 STORAGE = ("auto", "cpu", "cuda")
 # storage=auto keeps the buffer on the model's CUDA device when it takes at most this share of the
@@ -121,7 +121,7 @@ class ReplayDataModule(L.LightningDataModule):
         memmap_dir: keep the buffer in memory-mapped files in this directory (CPU only; auto
             then keeps it on the CPU).
         seed: replay sampling seed; the global rank is added under a trainer. None: `python -m wm`
-            derives it from the run's seed (`seed_everything`, see wm.runs.derived_seed); 0 for a
+            derives it from the run's seed (`seed_everything`, see wm.run.identity.derived_seed); 0 for a
             data module made in code.
     """
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from datamodules.replay_buffer import LATENT_KEYS, ReplayBuffer, ReplayFileError
-from wm.files import atomic_write, remove_temporaries
+from wm.run.files import atomic_write, remove_temporaries
 
 FORMAT_VERSION = 2
 CHUNK_ROWS = 1024

@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from tests.test_losses import tiny_agent, tiny_batch, trainer
-from wm.agent import Agent
+from wm.agent.agent import Agent
 from wm.bench.update import RepeatBatch
 from wm.objectives import Barlow, MuDreamer, NoObjective, ObjectiveInputs, Reconstruction
-from wm.optim import OptimizerConfig
-from wm.synthetic import random_batch
+from wm.model.optim import OptimizerConfig
+from wm.agent.synthetic import random_batch
 
 IMAGE = {"image": (64, 64, 3)}
 OBJECTIVES = {

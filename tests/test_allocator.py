@@ -1,4 +1,4 @@
-"""wm.allocator: memory a CPU update frees is reused, not faulted in again from the kernel."""
+"""wm.run.machine: memory a CPU update frees is reused, not faulted in again from the kernel."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 # update's) and reports the page faults of the second round and whether it got the same block.
 SECOND_ROUND_FAULTS = """
 import ctypes, json, resource
-from wm.allocator import retain_freed_memory
+from wm.run.machine import retain_freed_memory
 retained = retain_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
@@ -39,7 +39,7 @@ def second_round(retain: str) -> dict:
     return json.loads(out.stdout.splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is what wm.allocator tunes")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is what wm.run.machine tunes")
 def test_freed_memory_is_reused_without_page_faults_and_the_switch_turns_it_off():
     kept = second_round("1")
     assert kept["retained"] is True

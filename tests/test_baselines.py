@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tests.test_agent import batch_for, make_agent
 from wm.bench.update import RepeatBatch
 from wm.objectives import DreamerPro, InfoNCE
-from wm.augment import sequence_shift
+from wm.model.augment import sequence_shift
 from wm.objectives.dreamerpro import cross_entropy, sinkhorn
 from wm.objectives.infonce import info_nce_loss
 
@@ -263,7 +263,7 @@ def test_a_short_real_fit_of_each_baseline_on_toy_catch(name, tmp_path):
     from mlflow import MlflowClient
 
     from tests.test_training import TINY
-    from wm.cli import main
+    from wm.run.cli import main
 
     config = str(Path(__file__).resolve().parents[1] / f"configs/objective/{name}.yaml")
     main(["fit", *TINY, "--config", config, "--run.root", str(tmp_path), "--env.total_steps", "30"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import wm.profiling
+import wm.model.phases
 from wm.bench.fit import main as bench_fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_fit_benchmark_reports_shares_that_add_up(tmp_path, monkeypatch, capsys,
     for name in ("env stepping", "acting", "updates", "checkpointing", "evaluation"):
         assert share[name] > 0, (name, out)
     assert re.search(r"^update phases \(share of update time\): encode", out, re.M)
-    assert wm.profiling._recorder is None, "recording is off again"
+    assert wm.model.phases._recorder is None, "recording is off again"
     assert "MLFLOW_TRACKING_URI" not in os.environ, "the temporary store does not leak into later runs of the process"
     assert list(scratch.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"], \
         "the run lived in a temporary root, removed afterwards"

@@ -6,15 +6,15 @@ import re
 
 import torch
 
-import wm.validation
+import wm.run.validation
 from wm.bench.update import main as bench_update
 
 
 def test_bf16_on_a_cpu_without_native_bfloat16_is_measured_in_float32_and_said(monkeypatch, capsys):
     """Whatever this machine has: without native bfloat16 a benchmark of bf16-mixed runs, and
     reports, 32-true, as a fit would (emulated bfloat16 is slower than float32)."""
-    monkeypatch.setattr(wm.validation, "native_bf16", lambda device: False)
-    monkeypatch.setattr(wm.validation, "has_bf16_instructions", lambda: False)  # the message for this case
+    monkeypatch.setattr(wm.run.validation, "native_bf16", lambda device: False)
+    monkeypatch.setattr(wm.run.validation, "has_bf16_instructions", lambda: False)  # the message for this case
     threads = torch.get_num_threads()
     try:
         bench_update(["update", "--size", "size1M", "--batch", "2", "--length", "4", "--updates", "1", "--warmup", "1",

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from wm.cli import main
+from wm.run.cli import main
 from wm.envs import available_tasks, make_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,14 +23,14 @@ from torch.utils.data import DataLoader
 from tests.test_losses import TINY
 from tests.test_training import TINY as TINY_FIT
 from tests.test_training import client_for
-from wm.actor_critic import ActorCriticConfig
-from wm.agent import Agent
+from wm.agent.actor_critic import ActorCriticConfig
+from wm.agent.agent import Agent
 from wm.bench.update import RepeatBatch
-from wm.cli import main
+from wm.run.cli import main
 from wm.objectives import OBJECTIVES, make_objective
-from wm.profiling import HOST_SYNC_OPS, ProfileBatch, count_ops
-from wm.sizes import SIZES
-from wm.synthetic import random_batch
+from wm.bench.profiling import HOST_SYNC_OPS, ProfileBatch, count_ops
+from wm.model.sizes import SIZES
+from wm.agent.synthetic import random_batch
 
 SHAPES = {"image": (16, 16, 3), "vec": (5,)}
 ACTIONS = 3
@@ -201,7 +201,7 @@ def test_after_its_first_update_a_compiled_fit_never_compiles_again(tmp_path, mo
 def test_a_compile_that_fails_trains_eagerly_with_a_one_line_warning(tmp_path, monkeypatch):
     """A compiler error (here a C++ build failure, as an AVX2 machine gave after 25 minutes) must
     not end the run: the update runs eagerly from then on, and the fit finishes."""
-    import wm.agent
+    import wm.agent.agent
     from tests.test_training import TINY
 
     def failing_compile(function, **kwargs):
@@ -209,7 +209,7 @@ def test_a_compile_that_fails_trains_eagerly_with_a_one_line_warning(tmp_path, m
             raise RuntimeError("CppCompileError: C++ compile error\n  g++ ... returned 1")
         return compiled
 
-    monkeypatch.setattr(wm.agent.torch, "compile", failing_compile)
+    monkeypatch.setattr(wm.agent.agent.torch, "compile", failing_compile)
     with pytest.warns(UserWarning, match=r"model.compile: compiling the update failed \(RuntimeError: CppCompileError: "
                                          r"C\+\+ compile error\); training eagerly") as warned:
         main(["fit", *TINY, "--run.root", str(tmp_path), "--env.total_steps", "24", "--model.compile", "true"])

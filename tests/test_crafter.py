@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 pytest.importorskip("crafter", reason="the crafter extra is not installed (pip install -e '.[crafter]')")
 
 from tests.test_training import TINY  # noqa: E402
-from wm.cli import main  # noqa: E402
+from wm.run.cli import main  # noqa: E402
 from wm.envs import make_env  # noqa: E402
 from wm.envs.crafter import CRAFTER_ACHIEVEMENTS, crafter_score  # noqa: E402
 

@@ -20,9 +20,9 @@ import torch
 from datamodules import ReplayBuffer, ReplayDataModule
 from datamodules.replay import DEVICE_MEMORY_SHARE, resolve_storage
 from datamodules.replay_buffer import buffer_config, buffer_nbytes
-from wm.agent import Agent
+from wm.agent.agent import Agent
 from wm.objectives import Barlow
-from wm.sizes import model_size
+from wm.model.sizes import model_size
 
 SHAPES = {"image": (64, 64, 3), "state": (3,)}
 SIZE = model_size("size1M")

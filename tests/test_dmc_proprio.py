@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.test_training import REPO, TINY
-from wm.cli import main
+from wm.run.cli import main
 from wm.envs import make_env
 
 

@@ -19,11 +19,12 @@ import torch
 import yaml
 from gymnasium import spaces
 
+import callbacks.env_loop
 from callbacks.env_loop import EnvLoop
-from wm.cli import WMCLI
-from wm.cli import main as cli_main
+from wm.run.cli import WMCLI
+from wm.run.cli import main as cli_main
 from datamodules import ReplayDataModule
-from wm.agent import ActState, Agent
+from wm.agent.agent import ActState, Agent
 from wm.envs.base import PixelEnv
 from wm.envs.toy import TOY_TASKS
 from wm.objectives import Barlow
@@ -210,7 +211,7 @@ def test_agent_steps_per_update_follow_the_train_ratio(agent, num_envs, train_ra
 
 
 @pytest.mark.parametrize("num_envs", [1, 4, 16])
-def test_updates_per_env_frame_do_not_depend_on_num_envs(num_envs):
+def test_updates_per_env_frame_do_not_depend_on_num_envs(num_envs, monkeypatch):
     """The DMC settings (B=16, T=64, train ratio 512, action repeat 2): every update pays for
     B x T / 512 = 2 agent steps, 4 frames, with 1, 4 or 16 envs. The envs step together, so
     16 of them step once every 8 updates; what is owed stays under one vector step."""
@@ -219,7 +220,8 @@ def test_updates_per_env_frame_do_not_depend_on_num_envs(num_envs):
     def vector_step(pl_module):  # what EnvLoop.step counts, without the envs
         loop.env_steps += loop.num_envs * loop.action_repeat
 
-    loop.step, loop._log = vector_step, lambda trainer, pl_module: None
+    loop.step = vector_step
+    monkeypatch.setattr(callbacks.env_loop, "log_collection", lambda loop, trainer: None)
     dm = SimpleNamespace(batch_size=16, sequence_length=64, write_back=lambda batch, outputs: None)
     trainer = SimpleNamespace(datamodule=dm, should_stop=False)
     for update in range(1, 65):

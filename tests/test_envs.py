@@ -246,7 +246,7 @@ def test_a_missing_optional_simulator_is_one_line_naming_its_extra(task, module,
     extra to install, and `python -m wm fit` refuses in one line before anything is made. Memory
     Maze's case hides the package it imports (gym), which names it where memory_maze is installed
     (CI's install) and the simulator itself where it is not (the README's plain `.[test]`)."""
-    from wm.cli import main
+    from wm.run.cli import main
     from wm.envs.base import MissingSimulator
 
     monkeypatch.setitem(sys.modules, module, None)  # as if the package were not installed

@@ -15,10 +15,10 @@ import torch
 from mlflow import MlflowClient
 
 from callbacks.evaluation import play_episodes
-from wm.agent import Agent
-from wm.cli import CheckpointError, main
+from wm.agent.agent import Agent
+from wm.run.cli import CheckpointError, main
 from wm.envs import make_vector_env
-from wm.video import side_by_side, write_mp4
+from wm.run.video import side_by_side, write_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from mlflow import MlflowClient
 
 from tests.test_crash_safety import STARTED, counters, no_process_left_behind, start, wait, wait_for  # noqa: F401
 from tests.test_training import TINY, client_for
-from wm.run_lock import LOCK_FILE, RunLock, RunLockedError, check_free
+from wm.run.lock import LOCK_FILE, RunLock, RunLockedError, check_free
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from callbacks.evaluation import play_episodes
-from wm.agent import Agent
+from wm.agent.agent import Agent
 from wm.envs import make_vector_env
 from wm.inspection import occlusion_maps, open_loop, open_loop_grid, saliency, saliency_figure
 from wm.objectives import Barlow, Reconstruction

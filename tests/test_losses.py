@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from tests.test_math import np_barlow, np_bins, np_kl, np_lambda_return, np_log_softmax, np_softmax, np_two_hot
-from wm.actor_critic import ActorCritic, ActorCriticConfig
-from wm.agent import Agent
+from wm.agent.actor_critic import ActorCritic, ActorCriticConfig
+from wm.agent.agent import Agent
 from wm.bench.update import RepeatBatch
 from wm.objectives import (
     DEFAULT_OBJECTIVE,
@@ -32,11 +32,11 @@ from wm.objectives import (
     Reconstruction,
     make_objective,
 )
-from wm.optim import OptimizerConfig
-from wm.rssm import State
-from wm.sizes import SIZES, ModelSize
-from wm.synthetic import random_batch
-from wm.world_model import WorldModel, WorldModelConfig
+from wm.model.optim import OptimizerConfig
+from wm.model.rssm import State
+from wm.model.sizes import SIZES, ModelSize
+from wm.agent.synthetic import random_batch
+from wm.agent.world_model import WorldModel, WorldModelConfig
 
 # deter 16, 4 latents of 4 classes, 2 GRU blocks; depth 2 gives 8 decoder channels (8 blocks).
 TINY = ModelSize(deter=16, hidden=8, classes=4, depth=2, units=16, stoch=4, blocks=2)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from wm.distributions import (
+from wm.model.distributions import (
     TwoHot,
     categorical_kl,
     continue_loss,
@@ -24,14 +24,15 @@ from wm.distributions import (
     symexp_bins,
     unimix_logits,
 )
-from wm.nets import BlockLinear, MaxPool2x2, RMSNorm, Upsample2x, _MaxPool2x2, _repeat_2x, init_fan_in_, symexp, symlog
+from wm.model.nets import BlockLinear, MaxPool2x2, RMSNorm, Upsample2x, _MaxPool2x2, _repeat_2x, init_fan_in_, symexp, symlog
 from wm.objectives.barlow import barlow_twins_loss
 from wm.objectives.mudreamer import action_nll
-from wm.optim import LaProp
-from wm.returns import ReturnNormalizer, ema_update_, lambda_return, quantiles
-from wm.rssm import BlockGRU
-from wm.sizes import model_size
-from wm.world_model import kl_losses
+from wm.model.optim import LaProp
+from wm.model.ema import ema_update_
+from wm.model.returns import ReturnNormalizer, lambda_return, quantiles
+from wm.model.rssm import BlockGRU
+from wm.model.sizes import model_size
+from wm.agent.world_model import kl_losses
 
 TAKEN = torch.tensor(True)  # an update that was taken (not skipped for a non-finite value)
 

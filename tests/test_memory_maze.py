@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 pytest.importorskip("memory_maze", reason="the memory-maze extra is not installed (pip install -e '.[memory-maze]')")
 
 from tests.test_training import TINY  # noqa: E402
-from wm.cli import main  # noqa: E402
+from wm.run.cli import main  # noqa: E402
 from wm.envs import make_env  # noqa: E402
 
 

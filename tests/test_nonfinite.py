@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from wm.agent import Agent, NonFiniteLossError
+from wm.agent.agent import Agent, NonFiniteLossError
 from wm.bench.update import RepeatBatch
 from wm.objectives import Barlow, MuDreamer
-from wm.optim import OptimizerConfig
-from wm.synthetic import random_batch
+from wm.model.optim import OptimizerConfig
+from wm.agent.synthetic import random_batch
 
 IMAGE = {"image": (64, 64, 3)}
 

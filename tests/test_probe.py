@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 
 from tests.test_training import TINY
-from wm.cli import main as fit_main
+from wm.run.cli import main as fit_main
 from wm.envs import make_env
 from wm.envs.toy import Catch
 from wm.probe import evaluate
@@ -118,7 +118,7 @@ def test_offline_training_lowers_the_held_out_loss_and_is_a_run(offline):
     assert run.data.params["model.objective.class_path"] == "wm.objectives.Barlow"
     assert {p.name for p in (offline / "catch-barlow-s0/checkpoints").glob("*.ckpt")} >= {"last.ckpt"}
     # a resume with another learning rate is refused, as a fit's
-    from wm.run_cli import CheckpointError
+    from wm.run.command import CheckpointError
 
     with pytest.raises(CheckpointError, match=r"model.optimizer.lr: 0.0003 \(checkpoint\) -> 0.001 \(now\)"):
         train_main([*TRAIN, "--data.dataset", str(Path(run.data.params["data.dataset"])), "--run.root", str(offline),
@@ -174,7 +174,7 @@ def test_a_run_probed_again_is_reported_from_its_latest_evaluation(tmp_path):
     """`wm.probe eval` on a run it already probed logs every horizon again; the report reads the last."""
     from mlflow.entities import Metric
 
-    from wm.logger import create_store, sqlite_uri
+    from wm.run.tracking import create_store, sqlite_uri
     from wm.probe.report import latest_curve
 
     create_store(tmp_path / "mlflow.db")
@@ -214,7 +214,7 @@ def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, c
     its probe stay those of its own training."""
     import yaml
 
-    from wm.logger import sqlite_uri
+    from wm.run.tracking import sqlite_uri
     from wm.probe.commands import runs_of, study_main
 
     study = {"experiment": "study", "root": str(tmp_path / "runs"), "data": str(catch.folder.parent),

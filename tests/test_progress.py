@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from callbacks.env_loop import CPU_SIZE12M_UPDATE_SECONDS
+from wm.run.durations import CPU_SIZE12M_UPDATE_SECONDS
 from tests.test_crash_safety import start, wait, wait_for
 from tests.test_training import client_for
-from wm.durations import format_duration
+from wm.run.durations import format_duration
 
 # Evaluations at 150 and 300 frames, then the final one when training ends, at 400 or a little more.
 SHOWN = ("--trainer.enable_progress_bar", "true", "--env.prefill", "200", "--env.eval_every", "150")

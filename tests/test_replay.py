@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from datamodules import ReplayBuffer, ReplayDataModule
-from wm.agent import Agent
-from wm.augment import sequence_shift
+from wm.agent.agent import Agent
+from wm.model.augment import sequence_shift
 from wm.objectives import Barlow
-from wm.sizes import model_size
+from wm.model.sizes import model_size
 
 SHAPES = {"image": (4, 4, 3), "state": (2,)}
 LATENT = (6, 3, 5)  # deter, stoch, classes

@@ -72,7 +72,7 @@ def test_aggregates_match_a_direct_computation(store, tmp_path):
         assert (aggregates.intervals[objective][1] - aggregates.intervals[objective][0] > 0.01).all()
     table = (tmp_path / "report.md").read_text()
     iqm = aggregates.points["barlow"][2]
-    assert f"| barlow | " in table and f"{iqm:.3f} [" in table
+    assert "| barlow | " in table and f"{iqm:.3f} [" in table
     for name in ("curves.png", "aggregates.png", "profiles.png", "final.csv", "aggregates.csv", "runs.csv"):
         assert (tmp_path / name).stat().st_size > 1000 or name.endswith(".csv"), name
 

@@ -1,4 +1,4 @@
-"""Runs that are what they say (wm.runs, wm.cli), with real fits and real MLflow stores: one seed
+"""Runs that are what they say (wm.run.identity, wm.run.cli), with real fits and real MLflow stores: one seed
 derives every other, a resume refuses a changed config and leaves the run alone, runs of a root
 share one store (or the one MLFLOW_TRACKING_URI names) that the report reads, and runs made before
 checkpoints recorded their config, each with its own store, still resume and test."""
@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 
 from tests.test_training import TINY, saved_buffer
 from wm import report
-from wm.cli import CheckpointError, main
-from wm.runs import RECORD_KEY, RESUMABLE
+from wm.run.cli import CheckpointError, main
+from wm.run.identity import RECORD_KEY, RESUMABLE
 
 
 def fit(root: Path, name: str, *extra: str) -> None:
@@ -173,11 +173,11 @@ def test_runs_that_start_together_on_a_new_store_share_one_experiment(tmp_path):
     import subprocess
     import sys
 
-    from wm.logger import create_store, sqlite_uri
+    from wm.run.tracking import create_store, sqlite_uri
 
     create_store(tmp_path / "mlflow.db")
     uri = sqlite_uri(tmp_path / "mlflow.db")
-    code = f"from wm.logger import ensure_experiment; print(ensure_experiment({uri!r}, 'together'))"
+    code = f"from wm.run.tracking import ensure_experiment; print(ensure_experiment({uri!r}, 'together'))"
     workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(4)]
     results = [w.communicate(timeout=120) for w in workers]

@@ -10,7 +10,7 @@ import yaml
 from mlflow import MlflowClient
 
 from wm import report
-from wm.cli import main as wm_main
+from wm.run.cli import main as wm_main
 from wm.envs import available_tasks
 from wm.objectives import objective_name
 from wm.reference import published_runs
@@ -38,7 +38,7 @@ def test_expands_tasks_objectives_seeds(tmp_path):
     assert "--env.seed" not in first and "--data.seed" not in first and "--run.variant" not in first
     assert first[first.index("--run.name") + 1] == "toy-catch-barlow-s0"
     # Overrides that change training tag the runs' variant and names: stable for the same overrides,
-    # different for others; overrides that a resume may change (wm.runs.RESUMABLE) tag nothing.
+    # different for others; overrides that a resume may change (wm.run.identity.RESUMABLE) tag nothing.
     def names(extra):
         return [c[c.index("--run.name") + 1] for c in sweep_commands(QUICK, [], ["barlow"], [0, 1], tmp_path, "", extra)]
     assert names(["--env.total_steps", "99", "--trainer.enable_progress_bar=false"]) == ["toy-catch-barlow-s0", "toy-catch-barlow-s1"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tests.test_training import TINY
-from wm.threads import WM_SET_THREADS, apply_threads, choose_threads
+from wm.run.machine import WM_SET_THREADS, apply_threads, choose_threads
 
 REPO = Path(__file__).resolve().parents[1]
 CORES = len(os.sched_getaffinity(0))

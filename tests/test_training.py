@@ -18,9 +18,9 @@ import yaml
 from mlflow import MlflowClient
 
 from datamodules import ReplayBuffer, ReplayStore
-from wm.cli import CheckpointError, main
-from wm.runs import RECORD_KEY
-from wm.validation import ConfigError
+from wm.run.cli import CheckpointError, main
+from wm.run.identity import RECORD_KEY
+from wm.run.validation import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

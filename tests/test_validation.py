@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 
 import callbacks.env_loop
 import wm.envs
-import wm.validation
-from wm.cli import CheckpointError, main
-from wm.validation import ConfigError, check_config
+import wm.run.validation
+from wm.run.cli import CheckpointError, main
+from wm.run.validation import ConfigError, check_config
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs/quickstart.yaml")
@@ -122,7 +122,6 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 def test_a_refused_command_leaves_an_existing_run_untouched(tmp_path):
     run_cli(tmp_path, *TINY)
-    run_dir = tmp_path / "tiny"
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FINISHED"
@@ -139,7 +138,7 @@ def test_a_refused_command_leaves_an_existing_run_untouched(tmp_path):
 
 def test_cuda_precisions_and_devices(monkeypatch):
     """The CUDA rules on a machine without CUDA: pretend one GPU without bf16 is there."""
-    monkeypatch.setattr(wm.validation, "accelerator_available", lambda name: name in ("cpu", "cuda"))
+    monkeypatch.setattr(wm.run.validation, "accelerator_available", lambda name: name in ("cpu", "cuda"))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
@@ -161,10 +160,10 @@ def test_bf16_falls_back_to_float32_where_it_is_not_faster(tmp_path, monkeypatch
     """The shipped configs ask for bf16-mixed; on a CPU without bfloat16 instructions, or whose
     bfloat16 matmul measures no faster than float32's, the fit trains in 32-true, says why in one
     line, and logs the precision it used."""
-    assert wm.validation.native_bf16("cpu") in (True, False)  # the real probe runs here
-    assert wm.validation.cpu_bf16_speedup() > 0  # and the real measurement
-    monkeypatch.setattr(wm.validation, "has_bf16_instructions", lambda: instructions)
-    monkeypatch.setattr(wm.validation, "cpu_bf16_speedup", lambda: 0.5)  # as on one AVX512-BF16 CPU
+    assert wm.run.validation.native_bf16("cpu") in (True, False)  # the real probe runs here
+    assert wm.run.validation.cpu_bf16_speedup() > 0  # and the real measurement
+    monkeypatch.setattr(wm.run.validation, "has_bf16_instructions", lambda: instructions)
+    monkeypatch.setattr(wm.run.validation, "cpu_bf16_speedup", lambda: 0.5)  # as on one AVX512-BF16 CPU
     run_cli(tmp_path, *TINY, "--trainer.precision", "bf16-mixed")
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trainer.precision=bf16-mixed")]
     why = "measured 0.50 times float32's speed here" if instructions else "this device has no native bfloat16"
@@ -175,8 +174,8 @@ def test_bf16_falls_back_to_float32_where_it_is_not_faster(tmp_path, monkeypatch
 
 
 def test_bf16_where_it_is_measured_faster_is_kept_and_said(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(wm.validation, "has_bf16_instructions", lambda: True)
-    monkeypatch.setattr(wm.validation, "cpu_bf16_speedup", lambda: 2.4)  # this project's CPUs: 2 to 13 times
+    monkeypatch.setattr(wm.run.validation, "has_bf16_instructions", lambda: True)
+    monkeypatch.setattr(wm.run.validation, "cpu_bf16_speedup", lambda: 2.4)  # this project's CPUs: 2 to 13 times
     run_cli(tmp_path, *TINY, "--trainer.precision", "bf16-mixed")
     assert "trainer.precision=bf16-mixed: a bfloat16 matmul measured 2.4 times float32's speed on this CPU" in capsys.readouterr().out
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

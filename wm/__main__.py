@@ -1,4 +1,4 @@
-"""`python -m wm fit --config configs/dmc.yaml`: see wm/cli.py.
+"""`python -m wm fit --config configs/dmc.yaml`: see wm/run/cli.py.
 
 Nothing heavy is imported unless this runs as the program: env worker processes import the main
 module (as `__mp_main__`), and must not load torch and Lightning for it.
@@ -7,7 +7,7 @@ module (as `__mp_main__`), and must not load torch and Lightning for it.
 import sys
 
 if __name__ == "__main__":
-    from wm.cli import REFUSALS, main
+    from wm.run.cli import REFUSALS, main
 
     try:
         main()

@@ -22,9 +22,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
-from wm.distributions import mode_onehot, policy_mode
-from wm.rssm import State
-from wm.video import VIDEO_SIZE, side_by_side
+from wm.model.distributions import mode_onehot, policy_mode
+from wm.model.rssm import State
+from wm.run.video import VIDEO_SIZE, side_by_side
 
 ERROR_GREY = 0.5  # the error row shows (prediction - truth + 1) / 2: grey where they agree
 

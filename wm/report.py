@@ -39,8 +39,8 @@ from rliable import library as rly  # noqa: E402
 from rliable import metrics, plot_utils  # noqa: E402
 
 from wm.envs import make_env  # noqa: E402
-from wm.files import atomic_write  # noqa: E402
-from wm.logger import sqlite_uri  # noqa: E402
+from wm.run.files import atomic_write  # noqa: E402
+from wm.run.tracking import sqlite_uri  # noqa: E402
 from wm.objectives import objective_name  # noqa: E402
 from wm.probe.report import ProbeReport, is_probe_experiment, make_probe_report  # noqa: E402
 from wm.reference import (REFERENCE_METHOD, Curve, normalized_score, reference_at, reference_curve,  # noqa: E402

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import yaml
 
-from wm.durations import update_count
-from wm.logger import create_store, ensure_experiment, sqlite_uri
+from wm.run.durations import update_count
+from wm.run.tracking import create_store, ensure_experiment, sqlite_uri
 from wm.objectives import objective_name
-from wm.runs import overrides_tag, run_name
+from wm.run.identity import overrides_tag, run_name
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVE_CONFIGS = REPO / "configs" / "objective"

@@ -1,4 +1,5 @@
 """Speed and memory of a training update: `python -m wm.bench update --size size12M --objective barlow`.
+A tool: it may import everything of wm, datamodules and callbacks.
 
 Runs real updates of the Lightning agent through a Trainer on a random replay batch and prints
 the median seconds per update after warm-up, the share of each phase (eager only), the peak

@@ -242,7 +242,7 @@ def largest_section(plan: Plan, runner: Runner, work: Path) -> list[dict]:
 def checkpoint_state(path: Path) -> dict:
     import torch
 
-    from wm.runs import RECORD_KEY
+    from wm.run.identity import RECORD_KEY
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     return {"global_step": checkpoint["global_step"], "run": checkpoint.get(RECORD_KEY, {}).get("run_id")}
@@ -387,7 +387,7 @@ def markdown(report: dict) -> str:
 
 
 def write(out: Path, report: dict) -> None:
-    from wm.files import atomic_write
+    from wm.run.files import atomic_write
 
     text = json.dumps(report, indent=1, default=str).encode()
     atomic_write(out / "check.json", lambda f: f.write(text))

@@ -1,6 +1,6 @@
 """Where the wall time of real training goes: `python -m wm.bench fit --config configs/dmc.yaml --seconds 120`.
 
-Runs the real `python -m wm fit` (the LightningCLI of wm/cli.py, with the given configs and any
+Runs the real `python -m wm fit` (the LightningCLI of wm/run/cli.py, with the given configs and any
 extra `--key value` overrides) in a temporary run root, so no run of the user's is touched. After
 `--warmup` updates it measures `--seconds` of training, then stops the fit cleanly (a callback sets
 `trainer.should_stop`; the final evaluation is skipped) and prints env frames/s, updates/s and the
@@ -15,7 +15,7 @@ share of the measured wall time spent in:
 - checkpointing: periodic checkpoints with their replay files;
 - other: the rest (Lightning's loop, the data fetcher, the env loop's bookkeeping).
 
-The phases are timed with `wm.profiling.phase`, which synchronises CUDA at their edges while a
+The phases are timed with `wm.model.phases.phase`, which synchronises CUDA at their edges while a
 benchmark records (and costs nothing otherwise): the shares are those of the loop run serially,
 each phase's GPU work counted in the phase that launched it.
 """
@@ -39,12 +39,13 @@ import torch
 import callbacks.env_loop as env_loop_module
 from callbacks.checkpoint import EnvStepCheckpoint
 from callbacks.env_loop import EnvLoop
-from wm.allocator import freed_memory_label, retain_freed_memory
-from wm.cli import WMCLI
-from wm.files import atomic_write
+from wm.run.machine import freed_memory_label, retain_freed_memory
+from wm.run.cli import WMCLI
+from wm.run.files import atomic_write
 from wm.envs import make_vector_env
-from wm.logger import sqlite_uri
-from wm.profiling import ProcessUsage, describe_usage, phase, start_recording, stop_recording
+from wm.run.tracking import sqlite_uri
+from wm.bench.profiling import ProcessUsage, describe_usage
+from wm.model.phases import phase, start_recording, stop_recording
 
 # (recorded phase, printed name), in the order printed; "other" is the rest of the wall time.
 SHARES = (

@@ -20,15 +20,17 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from datamodules import ReplayBuffer, ReplayStore
-from wm.agent import Agent
-from wm.allocator import freed_memory_label, retain_freed_memory
-from wm.files import atomic_write
+from wm.agent.agent import Agent
+from wm.run.machine import freed_memory_label, retain_freed_memory
+from wm.run.files import atomic_write
 from wm.objectives import OBJECTIVES, make_objective
-from wm.threads import choose_threads
-from wm.profiling import ProcessUsage, ProfileBatch, describe_usage, set_compile_cache, start_recording, stop_recording
-from wm.sizes import SIZES
-from wm.synthetic import random_batch
-from wm.validation import effective_precision, fallback_message
+from wm.run.machine import choose_threads
+from wm.agent.agent import set_compile_cache
+from wm.bench.profiling import ProcessUsage, ProfileBatch, describe_usage
+from wm.model.phases import start_recording, stop_recording
+from wm.model.sizes import SIZES
+from wm.agent.synthetic import random_batch
+from wm.run.validation import effective_precision, fallback_message
 
 PHASES = ("encode", "observe", "objective", "imagine", "backward", "optimizer")
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}

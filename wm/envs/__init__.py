@@ -11,6 +11,8 @@ Task names are "<suite>-<name>":
   crafter-reward                                   Crafter, its 22 achievements logged
   memory_maze-<size>           e.g. memory_maze-9x9  Memory Maze, 9x9 to 15x15
   metaworld-<task>             e.g. metaworld-reach-v3  the 50 tasks of Meta-World MT1
+
+Imports nothing else of wm: env worker processes load this package and no more.
 """
 
 from __future__ import annotations

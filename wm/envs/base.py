@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
@@ -45,3 +47,22 @@ class PixelEnv(gym.Env):
         """The simulator's state behind the current observation, in named groups of float vectors
         (what a probe of the latent state is scored against: wm.probe)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its true state")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What the model must be built for: observation shapes and the action space."""
+
+    observation_shapes: dict[str, tuple[int, ...]]
+    action_dim: int
+    discrete: bool
+
+
+def env_spec(env: gym.Env) -> EnvSpec:
+    obs_space, act_space = env.observation_space, env.action_space
+    shapes = {k: tuple(int(d) for d in space.shape) for k, space in obs_space.spaces.items()}
+    if isinstance(act_space, gym.spaces.Discrete):
+        return EnvSpec(shapes, int(act_space.n), True)
+    if isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:
+        return EnvSpec(shapes, int(act_space.shape[0]), False)
+    raise ValueError(f"unsupported action space {act_space}: use Box(-1, 1, (A,)) or Discrete(n)")

@@ -1,7 +1,8 @@
 """Representation objectives: the one component that differs between the three agents.
 
 Pick one in a config by class path, e.g. `objective: {class_path: wm.objectives.Barlow}`.
-A new objective is one new file with a subclass of `Objective`.
+A new objective is one new file with a subclass of `Objective`. Imports wm.model only: the agent
+builds on the objectives, never the other way round.
 """
 
 from wm.objectives.barlow import Barlow

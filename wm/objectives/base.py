@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wm.augment import sequence_shift
-from wm.decoder import MultiDecoder
-from wm.distributions import POLICY_UNIMIX
-from wm.nets import Linear
-from wm.rssm import State
-from wm.sizes import ModelSize
+from wm.model.augment import sequence_shift
+from wm.model.decoder import MultiDecoder
+from wm.model.distributions import POLICY_UNIMIX
+from wm.model.nets import Linear
+from wm.model.rssm import State
+from wm.model.sizes import ModelSize
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from wm.augment import sequence_shift
+from wm.model.augment import sequence_shift
 from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
-from wm.returns import ema_update_, frozen_copy
+from wm.model.ema import ema_update_, frozen_copy
 
 
 @torch.no_grad()

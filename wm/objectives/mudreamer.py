@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from wm.distributions import POLICY_UNIMIX, TwoHot, continuous_policy, discrete_policy, symexp_bins
-from wm.nets import Head
+from wm.model.distributions import POLICY_UNIMIX, TwoHot, continuous_policy, discrete_policy, symexp_bins
+from wm.model.nets import Head
 from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
-from wm.returns import ema_update_, frozen_copy, replay_returns
+from wm.model.ema import ema_update_, frozen_copy
+from wm.model.returns import replay_returns
 
 
 BATCHNORM_PLACES = ("encoder", "posterior", "both", "none")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from wm.decoder import MultiDecoder
+from wm.model.decoder import MultiDecoder
 from wm.objectives.base import ModelDims, Objective, ObjectiveInputs
 
 

@@ -8,4 +8,6 @@ state from the latent, and the probe applied to imagined states, measure the rep
 - `wm.probe.ridge`: closed-form ridge regression, its penalty chosen by cross-validation;
 - `wm.probe.evaluate`: probe any world-model or agent checkpoint, observed and imagined
   (`python -m wm.probe eval`), with the sanity anchors (the true state, an untrained model, noise).
+
+A tool: it may import everything of wm, datamodules and callbacks.
 """

@@ -18,10 +18,10 @@ COMMANDS = ("collect", "train", "eval", "study")
 def main(argv: list[str]) -> int:
     """Imports the commands only when called: worker processes (collect's) import this module as
     their main module, and need none of it."""
-    from wm.allocator import retain_freed_memory
+    from wm.run.machine import retain_freed_memory
     from wm.probe.commands import collect_main, eval_main, study_main
     from wm.probe.offline import main as train_main
-    from wm.run_cli import REFUSALS
+    from wm.run.command import REFUSALS
 
     usage = f"usage: python -m wm.probe {{{','.join(COMMANDS)}}} ...\n{__doc__}"
     if argv[:1] in (["-h"], ["--help"]):  # asked for: the usage on stdout, success

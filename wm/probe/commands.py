@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,12 +15,12 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from wm.files import atomic_write
-from wm.logger import create_store, ensure_experiment, sqlite_file, sqlite_uri
+from wm.run.files import atomic_write
+from wm.run.tracking import create_store, ensure_experiment, sqlite_file, sqlite_uri
 from wm.probe import evaluate
 from wm.probe.dataset import Collection, ProbeDataset, collect
 from wm.probe.figures import plot_probe
-from wm.runs import RECORD_KEY, run_name
+from wm.run.identity import RECORD_KEY, run_name
 from wm.sweep import OBJECTIVE_CONFIGS, run_locally
 
 ANCHORS = ("true", "noise", "untrained")
@@ -96,7 +95,7 @@ def anchor_result(args, dataset: ProbeDataset) -> evaluate.ProbeResult:
     if args.anchor == "true":
         train, held = (evaluate.true_state_features(dataset, split) for split in ("train", "heldout"))
     else:
-        from wm.sizes import model_size
+        from wm.model.sizes import model_size
 
         width = model_size(args.size).feat_dim
         train, held = (evaluate.noise_features(dataset, split, width, args.seed) for split in ("train", "heldout"))

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from datamodules.replay_buffer import ReplayBuffer
 from datamodules.replay_store import ReplayStore, new_save_id
-from wm.files import atomic_write
+from wm.run.files import atomic_write
 
 STATE_PREFIX = "state."  # buffer keys of the true-state groups
 SPLITS = ("train", "heldout")
@@ -76,7 +76,7 @@ def play_episodes(collection: Collection, first_episode: int, frames: int) -> tu
     discrete = hasattr(env.action_space, "n")
     agent = None
     if collection.policy is not None:
-        from wm.agent import Agent
+        from wm.agent.agent import Agent
 
         agent = Agent.from_checkpoint(collection.policy).eval()
     episodes, played, index = [], 0, first_episode

@@ -35,17 +35,17 @@ import torch
 
 from wm.probe.dataset import ProbeDataset
 from wm.probe.ridge import RidgeProbe, fit_ridge, r2_score
-from wm.rssm import State
-from wm.world_model import WorldModel
+from wm.model.rssm import State
+from wm.agent.world_model import WorldModel
 
 FEATURES = ("deter", "stoch", "both")
 
 
 def load_world_model(path: str | Path) -> tuple[WorldModel, dict]:
     """The world model of an agent or offline checkpoint, in evaluation mode, and the checkpoint."""
-    from wm.agent import Agent, rebuild
+    from wm.agent.agent import Agent, rebuild
     from wm.probe.offline import OfflineWorldModel
-    from wm.run_cli import read_checkpoint
+    from wm.run.command import read_checkpoint
 
     checkpoint = read_checkpoint(Path(path))  # a damaged file is refused in one line
     cls = Agent if "actor_critic" in checkpoint["hyper_parameters"] else OfflineWorldModel

@@ -4,7 +4,7 @@ The same `WorldModel.loss` and LaProp optimiser as in a fit, with no actor-criti
 replay value or environment, on the train split of a dataset collected once
 (`wm.probe.dataset`): every objective and seed sees exactly the same data, at a fraction of an RL
 run's cost. The held-out split gives the validation loss. Runs, their MLflow runs, checkpoints and
-resumes work as a fit's (wm.run_cli):
+resumes work as a fit's (wm.run.command):
 
     python -m wm.probe train --config configs/probe/train.yaml --config configs/objective/mudreamer.yaml \\
         --data.dataset data/probe/dmc-cartpole_swingup --seed_everything 1
@@ -29,16 +29,16 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch.utils.data import DataLoader, IterableDataset
 
-from wm.agent import rebuild, save_plain_hyperparameters
-from wm.distributions import POLICY_UNIMIX
-from wm.durations import format_duration
+from wm.agent.agent import rebuild, save_plain_hyperparameters
+from wm.model.distributions import POLICY_UNIMIX
+from wm.run.durations import format_duration
 from wm.objectives import DEFAULT_OBJECTIVE, Objective, make_objective, objective_name
-from wm.optim import OptimizerConfig, guarded_step
+from wm.model.optim import OptimizerConfig, guarded_step
 from wm.probe.dataset import STATE_PREFIX, ProbeDataset
-from wm.run_cli import RunCLI, RunConfig
-from wm.runs import run_name
-from wm.sizes import model_size
-from wm.world_model import WorldModel, WorldModelConfig
+from wm.run.command import RunCLI, RunConfig
+from wm.run.identity import run_name
+from wm.model.sizes import model_size
+from wm.agent.world_model import WorldModel, WorldModelConfig
 
 
 class OfflineWorldModel(L.LightningModule):

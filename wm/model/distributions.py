@@ -6,7 +6,7 @@ import torch
 from torch import distributions as td
 from torch.nn import functional as F
 
-from wm.nets import symexp
+from wm.model.nets import symexp
 
 # Uniform mix of discrete policies, shared by MuDreamer's action head (same family as the
 # policy). R2-Dreamer does not state it; DreamerV3 uses 1%.

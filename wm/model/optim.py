@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wm.profiling import phase
+from wm.model.phases import phase
 
 
 class LaProp(torch.optim.Optimizer):

@@ -1,60 +1,16 @@
-"""Measuring an update: named phases timed while a benchmark records them, the ops and host syncs
-torch.profiler sees in one training batch, and where torch.compile keeps its cache."""
+"""What the benchmarks measure besides the update's phases (wm.model.phases): a process's CPU
+time and page faults, and the ops and host syncs torch.profiler sees in one training batch."""
 
 from __future__ import annotations
 
-import os
 import resource
 import statistics
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import torch
-
-_recorder: dict[str, float] | None = None
-
-
-def phase(name: str):
-    """Adds the wall time of the block to `name` while recording; costs nothing otherwise, and
-    nothing inside a compiled graph (which runs as one piece)."""
-    # is_compiling first: traced, it is a constant and `_recorder` is never read, so no compiled
-    # graph guards on it (a graph that did recompiled when a benchmark started recording).
-    if torch.compiler.is_compiling() or _recorder is None:
-        return nullcontext()
-    return _timed(_recorder, name)
-
-
-@contextmanager
-def _timed(recorder: dict[str, float], name: str):
-    _sync()
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        _sync()
-        recorder[name] += time.perf_counter() - start
-
-
-def start_recording() -> dict[str, float]:
-    """Begin collecting {phase: seconds}; the returned dict fills until `stop_recording`."""
-    global _recorder
-    _recorder = defaultdict(float)
-    return _recorder
-
-
-def stop_recording() -> None:
-    global _recorder
-    _recorder = None
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
 
 @dataclass(frozen=True)
 class ProcessUsage:
@@ -84,19 +40,6 @@ def describe_usage(usages: list[ProcessUsage]) -> str:
     cpu = median("user") + median("system")
     return (f"per update (median): {median('page_faults'):,.0f} page faults, CPU {median('user'):.2f} s user + "
             f"{median('system'):.2f} s system ({cpu / median('wall'):.2f} cores busy)")
-
-
-COMPILE_CACHE = Path.home() / ".cache" / "wm" / "torch_compile"
-
-
-def set_compile_cache() -> None:
-    """Keep torch.compile's caches (inductor's kernels, AOTAutograd's graphs) in a folder that
-    outlives a reboot, COMPILE_CACHE, instead of inductor's default under /tmp; a folder the user
-    chose with TORCHINDUCTOR_CACHE_DIR is kept. A warm cache saves most of the compile time."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):  # inductor writes its default in
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(COMPILE_CACHE)
 
 
 # Ops that read a tensor's value back to the host, or whose output shape depends on values:

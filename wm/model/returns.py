@@ -1,8 +1,6 @@
-"""Returns, their normalisation and slow (EMA) copies of networks (docs/algorithm.md §1 "Losses and training")."""
+"""Returns and their normalisation (docs/algorithm.md §1 "Losses and training")."""
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
@@ -90,20 +88,3 @@ class ReturnNormalizer(nn.Module):
         """max(limit, high - low) of the stored EMAs, or of an `advance` result."""
         low, high = (self.low, self.high) if low_high is None else low_high.unbind()
         return torch.clamp(high - low, min=self.limit)
-
-
-@torch.no_grad()
-def ema_update_(target: nn.Module, source: nn.Module, rate: float, taken: torch.Tensor) -> None:
-    """target <- (1 - rate) * target + rate * source, parameters and buffers, where `taken` (a 0-d
-    bool tensor: the update was taken; decided on the device)."""
-    for t, s in zip(target.parameters(), source.parameters()):
-        t.copy_(torch.where(taken, t.lerp(s.detach(), rate), t))
-    for t, s in zip(target.buffers(), source.buffers()):
-        t.copy_(torch.where(taken, t.lerp(s, rate) if t.dtype.is_floating_point else s, t))
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A copy of `module` that takes no gradient: the start of a slow/EMA network."""
-    clone = copy.deepcopy(module)
-    clone.requires_grad_(False)
-    return clone

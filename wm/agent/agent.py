@@ -16,6 +16,7 @@ never waits and the update can be compiled whole (`compile`, `loss_function`).
 from __future__ import annotations
 
 import importlib
+import os
 import inspect
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -27,15 +28,28 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from wm.actor_critic import ActorCritic, ActorCriticConfig
-from wm.distributions import policy_mode, sample_policy
+from wm.agent.actor_critic import ActorCritic, ActorCriticConfig
+from wm.model.distributions import policy_mode, sample_policy
 from wm.objectives import DEFAULT_OBJECTIVE, Objective, make_objective
-from wm.optim import OptimizerConfig, guarded_step
-from wm.profiling import phase, set_compile_cache
-from wm.rssm import State
-from wm.sizes import model_size
-from wm.update_stats import UpdateStats
-from wm.world_model import WorldModel, WorldModelConfig
+from wm.model.optim import OptimizerConfig, guarded_step
+from wm.model.phases import phase
+from wm.model.rssm import State
+from wm.model.sizes import model_size
+from wm.agent.update_stats import UpdateStats
+from wm.agent.world_model import WorldModel, WorldModelConfig
+
+
+COMPILE_CACHE = Path.home() / ".cache" / "wm" / "torch_compile"
+
+
+def set_compile_cache() -> None:
+    """Keep torch.compile's caches (inductor's kernels, AOTAutograd's graphs) in a folder that
+    outlives a reboot, COMPILE_CACHE, instead of inductor's default under /tmp; a folder the user
+    chose with TORCHINDUCTOR_CACHE_DIR is kept. A warm cache saves most of the compile time."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):  # inductor writes its default in
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(COMPILE_CACHE)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -8,7 +8,7 @@ naming the key, the value given, what is wrong and how to fix it.
 What needs the built objects is checked where they are built, still before the trainer (and with
 it the run folder and the MLflow run) is instantiated: LightningCLI instantiates the model, the
 datamodule and the env callback first. An image size
-the conv encoder cannot halve four times fails in `wm.encoder.check_image_shape`. A misspelled
+the conv encoder cannot halve four times fails in `wm.model.encoder.check_image_shape`. A misspelled
 task is named here with the closest valid one.
 """
 
@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.accelerators import AcceleratorRegistry
 
 from datamodules.replay_buffer import per_env_capacity
-from wm.sizes import SIZES
+from wm.model.sizes import SIZES
 
 NOTHING_CREATED = "Nothing was created."
 

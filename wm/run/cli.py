@@ -1,7 +1,7 @@
-"""`python -m wm fit|test|predict`: the run machinery of wm.run_cli for the agent, its env loop
+"""`python -m wm fit|test|predict`: the run machinery of wm.run.command for the agent, its env loop
 and replay, and the evaluation of a checkpoint.
 
-What a run name means is kept exact (wm.runs): the run's seed derives every other seed, every
+What a run name means is kept exact (wm.run.identity): the run's seed derives every other seed, every
 checkpoint records the resolved config and the MLflow run, a resume refuses a changed config, and
 `test` and `predict` rebuild the run's config from the checkpoint alone.
 The environment's spaces reach the model by argument linking: nobody types shapes.
@@ -23,15 +23,15 @@ from callbacks.interrupt import Interrupt, interrupt_signal
 from callbacks.progress import EnvProgressBar, RunSummary
 from datamodules import ReplayDataModule, ReplayFileError, ReplayStore
 from datamodules.replay_buffer import buffer_config
-from wm.agent import Agent
-from wm.allocator import retain_freed_memory
+from wm.agent.agent import Agent
+from wm.run.machine import retain_freed_memory
 from wm.envs.base import MissingSimulator
-from wm.logger import EnvStepMLFlowLogger, sqlite_file, sqlite_uri
+from wm.run.tracking import EnvStepMLFlowLogger, sqlite_file, sqlite_uri
 from wm.objectives import objective_name
-from wm.run_cli import (REFUSALS as RUN_REFUSALS, RUN_ID_FILE, CheckpointError, RunCLI, RunConfig, read_checkpoint,
+from wm.run.command import (REFUSALS as RUN_REFUSALS, RUN_ID_FILE, CheckpointError, RunCLI, RunConfig, read_checkpoint,
                         run_seed)
-from wm.runs import RECORD_KEY, changed_keys, derived_seed, describe_changes, fixed_for_evaluation, run_name
-from wm.video import side_by_side, write_mp4
+from wm.run.identity import RECORD_KEY, changed_keys, derived_seed, describe_changes, fixed_for_evaluation, run_name
+from wm.run.video import side_by_side, write_mp4
 
 EVALUATING = ("test", "predict")  # subcommands that play a trained agent and take its run from the checkpoint
 
@@ -84,7 +84,7 @@ class WMCLI(RunCLI):
     def config_from_checkpoint(self, parser: LightningArgumentParser, args, subcommand: str) -> None:
         """`test` and `predict` evaluate a checkpoint as the run that wrote it: its recorded config
         comes first and the command's `--config` files and overrides go over it, which may change
-        how the evaluation is done but not what is evaluated (`wm.runs.fixed_for_evaluation`)."""
+        how the evaluation is done but not what is evaluated (`wm.run.identity.fixed_for_evaluation`)."""
         config = self.config[subcommand]
         if config.ckpt_path == "last":
             config.ckpt_path = str(self.run_dir_of(config) / "checkpoints" / LAST)

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from wm.files import fsync_dir, temporary_sibling
+from wm.run.files import fsync_dir, temporary_sibling
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"

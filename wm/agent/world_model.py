@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
-from wm.distributions import POLICY_UNIMIX, TwoHot, categorical_kl, continue_loss, symexp_bins
-from wm.encoder import MultiEncoder
-from wm.nets import Head
+from wm.model.distributions import POLICY_UNIMIX, TwoHot, categorical_kl, continue_loss, symexp_bins
+from wm.model.encoder import MultiEncoder
+from wm.model.nets import Head
 from wm.objectives import ModelDims, Objective, ObjectiveInputs, ObservedViews
-from wm.profiling import phase
-from wm.rssm import RSSM, State
-from wm.sizes import ModelSize
+from wm.model.phases import phase
+from wm.model.rssm import RSSM, State
+from wm.model.sizes import ModelSize
 
 
 @dataclass(frozen=True)

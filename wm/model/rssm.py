@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from wm.distributions import gumbel_max, unimix_logits
-from wm.nets import MLP, BlockLinear, Linear, NormAct
-from wm.sizes import ModelSize
+from wm.model.distributions import gumbel_max, unimix_logits
+from wm.model.nets import MLP, BlockLinear, Linear, NormAct
+from wm.model.sizes import ModelSize
 
 
 class State(NamedTuple):

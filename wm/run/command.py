@@ -4,8 +4,8 @@ train what the run trained.
 
 A run lives in `<run.root>/<run.name>/` (root `runs/<experiment>` unless set, as a sweep's):
 `checkpoints/` and `mlflow_run_id`. Its MLflow run is in the root's store, `<run.root>/mlflow.db`,
-shared by every run under the root, with its artifacts in `<run.root>/artifacts/` (wm.logger says
-how to choose another store). What a run name means is kept exact (wm.runs): every checkpoint
+shared by every run under the root, with its artifacts in `<run.root>/artifacts/` (wm.run.tracking says
+how to choose another store). What a run name means is kept exact (wm.run.identity): every checkpoint
 records the resolved config and the MLflow run, and a resume refuses a changed config.
 """
 
@@ -26,12 +26,12 @@ from mlflow import MlflowClient
 
 from callbacks.checkpoint import LAST, AtomicCheckpointIO
 from callbacks.run_record import RunRecord
-from wm.files import atomic_write
-from wm.logger import EnvStepMLFlowLogger, artifact_location, create_store, ensure_experiment, sqlite_file, tracking_uri
-from wm.run_lock import RunLock, check_free
-from wm.threads import apply_threads
-from wm.runs import RECORD_KEY, RESUMABLE, changed_keys, derived_seed, describe_changes, flatten
-from wm.validation import ConfigError, check_config, closest, precision_choice
+from wm.run.files import atomic_write
+from wm.run.tracking import EnvStepMLFlowLogger, artifact_location, create_store, ensure_experiment, sqlite_file, tracking_uri
+from wm.run.lock import RunLock, check_free
+from wm.run.machine import apply_threads
+from wm.run.identity import RECORD_KEY, RESUMABLE, changed_keys, derived_seed, describe_changes, flatten
+from wm.run.validation import ConfigError, check_config, closest, precision_choice
 
 # MLflow 3's experiment tag that picks the UI's view: "custom_model_development" is the training-runs one.
 RUN_ID_FILE = "mlflow_run_id"
@@ -114,7 +114,7 @@ class RunCLI(LightningCLI):
     callbacks (`fit_callbacks`)."""
 
     def __init__(self, model_class, datamodule_class, **kwargs):
-        self.record: dict | None = None  # the run record of the checkpoint resumed or evaluated (wm.runs)
+        self.record: dict | None = None  # the run record of the checkpoint resumed or evaluated (wm.run.identity)
         self.resolved: dict | None = None  # the resolved config, as checkpoints record it
         self.lock: RunLock | None = None  # a fit's hold on its run folder
         users_store = os.environ.get("MLFLOW_TRACKING_URI")

@@ -8,10 +8,11 @@ import lightning as L
 import torch
 from torch import distributions as td
 
-from wm.distributions import POLICY_UNIMIX, TwoHot, continuous_policy, discrete_policy, symexp_bins
-from wm.nets import Head
-from wm.returns import ReturnNormalizer, ema_update_, frozen_copy, lambda_return, replay_returns
-from wm.sizes import ModelSize
+from wm.model.distributions import POLICY_UNIMIX, TwoHot, continuous_policy, discrete_policy, symexp_bins
+from wm.model.nets import Head
+from wm.model.ema import ema_update_, frozen_copy
+from wm.model.returns import ReturnNormalizer, lambda_return, replay_returns
+from wm.model.sizes import ModelSize
 
 
 @dataclass(frozen=True)

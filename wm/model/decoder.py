@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from wm.encoder import STAGE_MULTIPLIERS, split_keys
-from wm.nets import MLP, BlockLinear, ChannelNorm, Conv2d, Linear, NormAct, Upsample2x, symlog
+from wm.model.encoder import STAGE_MULTIPLIERS, split_keys
+from wm.model.nets import MLP, BlockLinear, ChannelNorm, Conv2d, Linear, NormAct, Upsample2x, symlog
 
 
 class ConvDecoder(nn.Module):

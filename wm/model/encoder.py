@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from wm.nets import MLP, ChannelNorm, Conv2d, MaxPool2x2, symlog
+from wm.model.nets import MLP, ChannelNorm, Conv2d, MaxPool2x2, symlog
 
 STAGE_MULTIPLIERS = (2, 3, 4, 4)  # conv channels = depth x these, one 2x2 pool per stage
 
