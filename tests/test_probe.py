@@ -132,7 +132,8 @@ def test_probe_eval_logs_into_the_checkpoints_run_and_the_rollout_degrades_with_
     client = MlflowClient(f"sqlite:///{offline / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("probe").experiment_id], filter_string="attributes.run_name = 'catch-barlow-s0'")
     metrics = run.data.metrics
-    assert {"probe/ball/r2", "probe/paddle/r2", "probe/overall/r2", "probe/ball/r2_deter", "probe/overall/r2_stoch"} <= set(metrics)
+    assert {"probe/ball/r2", "probe/paddle/r2", "probe/overall/r2", "probe/ball/r2_deter", "probe/overall/r2_stoch",
+            "probe/overall/r2_embed"} <= set(metrics)
     assert metrics["probe/paddle/r2"] > 0.5 and run.info.status == "FINISHED"
     ball = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "probe/rollout/ball/r2"), key=lambda m: m.step)]
     reward = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "probe/rollout/reward_mse"), key=lambda m: m.step)]
@@ -145,9 +146,39 @@ def test_probe_eval_logs_into_the_checkpoints_run_and_the_rollout_degrades_with_
     assert "overall R²" in capsys.readouterr().out
 
 
+def test_the_action_history_holds_each_episodes_last_actions_and_its_time_step():
+    """Computed step by step here: the newest action first, zeros before the episode's start."""
+    from wm.probe.evaluate import action_history
+
+    action = torch.arange(1.0, 15.0).reshape(7, 2)
+    is_first = torch.tensor([True, False, False, False, True, False, False])
+    features = action_history({"action": action, "is_first": is_first}, lags=3)
+    start = [0, 0, 0, 0, 4, 4, 4]
+    for t in range(7):
+        expected = [action[t - lag] if t - lag >= start[t] else torch.zeros(2) for lag in range(3)]
+        assert torch.equal(features[t], torch.cat([*expected, torch.tensor([t - start[t]], dtype=torch.float32)]).double())
+
+
+def test_a_group_that_repeats_another_is_not_counted_twice():
+    """cheetah's case: position is qpos without x, velocity is qvel; contacts are their own."""
+    from wm.probe.evaluate import ProbeResult, duplicate_groups
+
+    generator = torch.Generator().manual_seed(0)
+    qpos, qvel, contacts = (torch.randn(500, 9, generator=generator), torch.randn(500, 9, generator=generator),
+                            (torch.randn(500, 4, generator=generator) > 0).float())
+    states = {"position": qpos[:, 1:] * 2.0, "qpos": qpos, "qvel": qvel, "velocity": qvel @ torch.randn(9, 9, generator=generator) + 1.0,
+              "contacts": contacts, "first_joint": qpos[:, :1] + 0.1 * torch.randn(500, 1, generator=generator)}
+    assert duplicate_groups(states) == {"position": "qpos", "velocity": "qvel"}, "near-copies (first_joint) still count"
+    r2 = {("both", g): value for g, value in zip(states, (0.9, 0.5, 0.3, 0.3, 0.1, 0.6))}
+    result = ProbeResult(r2, {}, duplicate_groups(states))
+    assert result.overall() == pytest.approx((0.5 + 0.3 + 0.1 + 0.6) / 4)
+
+
 def test_anchors_span_the_scale_from_noise_to_the_true_state(catch, tmp_path):
+    """The actions anchor on random-policy Catch: the paddle is the integral of the actions (its
+    start is fixed), the ball's row is the time step, its column is random: half of the ball."""
     root = tmp_path / "anchors"
-    for anchor in ("true", "noise", "untrained"):
+    for anchor in ("true", "noise", "untrained", "actions"):
         eval_main(["--anchor", anchor, "--data", str(catch.folder), "--root", str(root), "--experiment", "anchors",
                    "--observe", "1", "--horizon", "3"])
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -155,6 +186,10 @@ def test_anchors_span_the_scale_from_noise_to_the_true_state(catch, tmp_path):
     assert runs["true"]["probe/overall/r2"] > 0.999
     assert abs(runs["noise"]["probe/overall/r2"]) < 0.05
     assert 0.05 < runs["untrained"]["probe/overall/r2"] < runs["true"]["probe/overall/r2"]
+    assert runs["actions"]["probe/paddle/r2"] > 0.9 and 0.3 < runs["actions"]["probe/ball/r2"] < 0.7
+    (actions,) = client.search_runs([client.get_experiment_by_name("anchors").experiment_id], "params.anchor = 'actions'")
+    assert int(actions.data.params["anchor.action_lags"]) in evaluate.ACTION_LAGS
+    assert actions.info.run_name == "catch-anchor_actions-s0"
 
 
 @pytest.mark.slow  # a fit, then probes

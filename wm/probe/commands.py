@@ -23,7 +23,7 @@ from wm.probe.figures import plot_probe
 from wm.run.identity import RECORD_KEY, run_name
 from wm.sweep import OBJECTIVE_CONFIGS, run_locally
 
-ANCHORS = ("true", "noise", "untrained")
+ANCHORS = ("true", "noise", "untrained", "actions")
 PROBED_TAG = "wm.probe.dataset"  # on a run whose checkpoint was probed: the dataset it was probed on
 ANCHOR_TAG = "wm.probe.anchor"
 
@@ -57,7 +57,8 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, help="a dataset made by `python -m wm.probe collect`")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--ckpt", type=Path, help="a checkpoint of `python -m wm.probe train` or `python -m wm fit`")
-    what.add_argument("--anchor", choices=ANCHORS, help="the true state, noise, or an untrained model")
+    what.add_argument("--anchor", choices=ANCHORS, help="the true state, noise, an untrained model, "
+                      "or the recorded actions alone (the last K and the time step)")
     parser.add_argument("--objective", default="barlow", help="--anchor untrained: an objective config's name")
     parser.add_argument("--size", default="size1M", help="--anchor untrained (and noise: its feature width)")
     parser.add_argument("--seed", type=int, default=0, help="latent sampling, rollout starts; anchors' weights or noise")
@@ -92,6 +93,8 @@ def anchor_result(args, dataset: ProbeDataset) -> evaluate.ProbeResult:
         model = OfflineWorldModel(dataset.observation_shapes, info["action_dim"], info["discrete"],
                                   objective_module(args.objective), args.size)
         return evaluate.probe_world_model(model.world_model.eval(), dataset, args.observe, args.horizon, args.seed)
+    if args.anchor == "actions":
+        return evaluate.action_anchor(dataset)
     if args.anchor == "true":
         train, held = (evaluate.true_state_features(dataset, split) for split in ("train", "heldout"))
     else:
@@ -112,6 +115,9 @@ def log_result(uri: str, run_id: str, result: evaluate.ProbeResult, files: list[
     for start in range(0, len(points), 500):
         client.log_batch(run_id, metrics=points[start : start + 500])
     client.set_tag(run_id, PROBED_TAG, str(dataset.folder.resolve()))
+    client.set_tag(run_id, evaluate.NOT_COUNTED_TAG, json.dumps(result.not_counted))
+    if result.action_lags is not None:
+        client.log_param(run_id, "anchor.action_lags", result.action_lags)
     for path in files:
         client.log_artifact(run_id, str(path), "probe")
 
@@ -176,6 +182,12 @@ def eval_main(argv: list[str]) -> None:
     plot_probe(result, files[1], f"{name} on {dataset.name}")
     print(f"{name} on {dataset.name} ({time.perf_counter() - started:.0f} s): overall R² {result.overall():.3f}; "
           + ", ".join(f"{g} {result.r2['both', g]:.3f}" for g in dataset.groups))
+    if result.not_counted:
+        print("  not in overall: " + ", ".join(f"{g} (a linear map of {o})" for g, o in result.not_counted.items()))
+    if result.action_lags is not None:
+        print(f"  the last {result.action_lags} actions and the time step (K chosen by cross-validation on the train split)")
+    if "embed" in {f for f, _ in result.r2}:
+        print("  overall R² by features: " + ", ".join(f"{f} {result.overall(f):.3f}" for f in evaluate.FEATURES))
     if result.rollout_r2:
         curve = evaluate.overall_curve(result.rollout_r2)
         print("  imagined, R² at horizon " + ", ".join(f"{k}: {curve[k]:.3f}" for k in range(0, len(curve), 5)))
@@ -246,7 +258,7 @@ def study_main(argv: list[str]) -> None:
             evaluated[name] = run_eval(["--ckpt", str(checkpoint), "--data", str(folder), *study.get("eval", [])])
     for folder in datasets:
         common = ["--data", str(folder), "--experiment", experiment, "--root", str(root), *study.get("eval", [])]
-        anchors = [["--anchor", "true"], *(["--anchor", "noise", "--seed", str(seed)] for seed in seeds),
+        anchors = [["--anchor", "true"], ["--anchor", "actions"], *(["--anchor", "noise", "--seed", str(seed)] for seed in seeds),
                    *(["--anchor", "untrained", "--objective", objective, "--seed", str(seeds[0])]  # one seed: the floor
                      for objective in distinct_cores(objectives))]
         for anchor in anchors:

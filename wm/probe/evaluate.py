@@ -6,17 +6,24 @@ dataset (`wm.probe.dataset`):
 1. Observe: the posterior states of every step of both splits, each split filtered as one stream
    from its first step (episodes reset the state where they start), no augmentation, BatchNorm on
    its running statistics.
-2. Probe: ridge regression (`wm.probe.ridge`) fitted on the train split from the latent features
-   (`deter` h, `stoch` z flattened, `both` as the heads read them) to each standardised
-   true-state group, scored on the held-out episodes: R² per group, and overall as the mean over
-   groups.
+2. Probe: ridge regression (`wm.probe.ridge`) fitted on the train split from each feature set
+   (`embed`, the encoder's embedding of the one frame: the image pathway alone; `deter` h, which
+   integrates the actions; `stoch` z flattened; `both` as the heads read them) to each
+   standardised true-state group, scored on the held-out episodes: R² per group, and overall as
+   the mean over the distinct groups (below).
 3. Roll out: from held-out posterior states that have observed at least `observe` steps of their
    episode, imagine `horizon` steps with the recorded actions and apply the same probes (`both`
    features) to the imagined states: R² against the horizon (0: the posterior itself), and the
    squared error of the predicted reward.
 
 Anchors put the numbers in scale: the true state itself as the features (R² 1), an untrained model
-of the same architecture (the floor a random network gives) and Gaussian noise features (R² 0).
+of the same architecture (the floor a random network gives), Gaussian noise features (R² 0), and
+the recorded actions (the last K actions of the episode and the time step, K chosen by
+cross-validation): the RSSM integrates the actions into h, so what they alone tell comes for free.
+
+Overall is the mean over distinct groups: a group that a linear map of another group gives (on
+the train split, R² above 0.999; cheetah's `position` is its `qpos` without x) is shown but not
+counted, and of groups that give each other, the first counts.
 
 Results go to a CSV and a figure, and into the checkpoint's MLflow run: `probe/<group>/r2` (and
 `_deter`, `_stoch`), `probe/overall/r2`, `probe/rollout/<group>/r2` and `probe/rollout/reward_mse`
@@ -34,11 +41,11 @@ import numpy as np
 import torch
 
 from wm.probe.dataset import ProbeDataset
-from wm.probe.ridge import RidgeProbe, fit_ridge, r2_score
+from wm.probe.ridge import RidgeProbe, fit_ridges, r2_score
 from wm.model.rssm import State
 from wm.agent.world_model import WorldModel
 
-FEATURES = ("deter", "stoch", "both")
+FEATURES = ("embed", "deter", "stoch", "both")  # the encoder's embedding of one frame, h, z, (h, z)
 
 
 def load_world_model(path: str | Path) -> tuple[WorldModel, dict]:
@@ -53,9 +60,10 @@ def load_world_model(path: str | Path) -> tuple[WorldModel, dict]:
 
 
 @torch.no_grad()
-def observe(world_model: WorldModel, steps: Mapping[str, torch.Tensor], chunk: int = 256) -> State:
-    """Posterior states (N, ...) of a split's steps, filtered in order as one stream."""
-    state, deters, stochs = None, [], []
+def observe(world_model: WorldModel, steps: Mapping[str, torch.Tensor], chunk: int = 256) -> tuple[State, torch.Tensor]:
+    """Posterior states (N, ...) of a split's steps, filtered in order as one stream, and the
+    encoder's embedding of every frame (N, E)."""
+    state, deters, stochs, embeds = None, [], [], []
     for start in range(0, len(steps["reward"]), chunk):
         window = {k: v[start : start + chunk][None] for k, v in steps.items()}
         embed = world_model.encoder(world_model.encoder.select(window))
@@ -63,26 +71,30 @@ def observe(world_model: WorldModel, steps: Mapping[str, torch.Tensor], chunk: i
         state = State(post.deter[:, -1], post.stoch[:, -1])
         deters.append(post.deter[0])
         stochs.append(post.stoch[0])
-    return State(torch.cat(deters), torch.cat(stochs))
+        embeds.append(embed[0].float())
+    return State(torch.cat(deters), torch.cat(stochs)), torch.cat(embeds)
 
 
-def features(state: State) -> dict[str, torch.Tensor]:
-    return {"deter": state.deter, "stoch": state.stoch.flatten(1), "both": state.feat}
+def features(state: State, embed: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"embed": embed, "deter": state.deter, "stoch": state.stoch.flatten(1), "both": state.feat}
 
 
 @dataclass
 class ProbeResult:
-    """R² of every (feature set, group) on the held-out split, the probes, and the rollout curves."""
+    """R² of every (feature set, group) on the held-out split, the probes, the rollout curves, and
+    the groups the overall mean leaves out (group -> the group it is a linear map of)."""
 
     r2: dict[tuple[str, str], float]
     probes: dict[tuple[str, str], RidgeProbe]
+    not_counted: dict[str, str] = field(default_factory=dict)
+    action_lags: int | None = None  # the action anchor's K
     rollout_r2: dict[str, list[float]] = field(default_factory=dict)  # group -> R² at horizon 0..K
     reward_mse: list[float] = field(default_factory=list)  # at horizon 0..K
     reward_variance: float = float("nan")  # of the held-out rewards: the error of predicting their mean
 
     def overall(self, feature: str = "both") -> float:
-        """The mean R² over the groups."""
-        return float(np.nanmean([r2 for (f, _), r2 in self.r2.items() if f == feature]))
+        """The mean R² over the distinct groups."""
+        return float(np.nanmean([r2 for (f, g), r2 in self.r2.items() if f == feature and g not in self.not_counted]))
 
 
 def overall_curve(rollout: Mapping[str, Sequence[float]]) -> np.ndarray:
@@ -97,6 +109,33 @@ def overall_curve(rollout: Mapping[str, Sequence[float]]) -> np.ndarray:
         return np.mean(scored, 0) if scored else np.full(length, np.nan)
 
 
+DUPLICATE_R2 = 0.999  # a group that a linear map of another explains this well is that group again
+NOT_COUNTED_TAG = "wm.probe.not_counted"  # on a probed run, JSON: the groups overall leaves out -> the group each repeats
+
+
+def linear_fit_r2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """R² (pooled, as the probes') of the least-squares linear map with intercept from x to y."""
+    x, y = x.double(), y.double()
+    design = torch.cat([x - x.mean(0), torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    solution = torch.linalg.lstsq(design, y, driver="gelsd").solution
+    return float(r2_score(y, design @ solution))
+
+
+def duplicate_groups(states: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The groups the overall mean does not count, each with the group that a linear map of gives it
+    (R² > DUPLICATE_R2): a group another group gives and that does not give it back is left out; of
+    groups that give each other, the first (in `states`' order) counts."""
+    names = list(states)
+    gives = {(a, b): a != b and linear_fit_r2(states[a], states[b]) > DUPLICATE_R2 for a in names for b in names}
+    duplicates = {}
+    for i, group in enumerate(names):
+        for other in names:
+            if gives[other, group] and (not gives[group, other] or names.index(other) < i):
+                duplicates[group] = other
+                break
+    return duplicates
+
+
 def fit_probes(train: Mapping[str, torch.Tensor], held_out: Mapping[str, torch.Tensor], dataset: ProbeDataset,
                names: tuple[str, ...] = FEATURES) -> ProbeResult:
     """Probes from each of the features `train`/`held_out` hold (name -> (N, F)) to each group."""
@@ -104,11 +143,10 @@ def fit_probes(train: Mapping[str, torch.Tensor], held_out: Mapping[str, torch.T
     is_first = dataset.steps("train")["is_first"]
     r2, probes = {}, {}
     for name in names:
-        for group in dataset.groups:
-            probe = fit_ridge(train[name], train_states[group], is_first)
+        for group, probe in fit_ridges(train[name], train_states, is_first).items():
             probes[name, group] = probe
             r2[name, group] = probe.score(held_out[name], held_states[group])
-    return ProbeResult(r2, probes)
+    return ProbeResult(r2, probes, duplicate_groups(train_states))
 
 
 def rollout_starts(is_first: torch.Tensor, observe_steps: int, count: int, seed: int) -> torch.Tensor:
@@ -159,8 +197,9 @@ def probe_world_model(world_model: WorldModel, dataset: ProbeDataset, observe_st
     """Observe both splits, fit and score the probes, and roll out (the whole of `wm.probe eval`)."""
     torch.manual_seed(seed)  # the latents are sampled
     held_steps = dataset.steps("heldout")
-    train_post, held_post = observe(world_model, dataset.steps("train")), observe(world_model, held_steps)
-    result = fit_probes(features(train_post), features(held_post), dataset)
+    (train_post, train_embed), (held_post, held_embed) = (observe(world_model, dataset.steps("train")),
+                                                          observe(world_model, held_steps))
+    result = fit_probes(features(train_post, train_embed), features(held_post, held_embed), dataset)
     roll_out(world_model, held_steps, held_post, result, dataset, observe_steps, horizon, seed=seed)
     return result
 
@@ -168,6 +207,40 @@ def probe_world_model(world_model: WorldModel, dataset: ProbeDataset, observe_st
 def true_state_features(dataset: ProbeDataset, split: str) -> dict[str, torch.Tensor]:
     """The anchor at the top: every true-state group, concatenated, as the features."""
     return {"both": torch.cat(list(dataset.states(split).values()), 1)}
+
+
+ACTION_LAGS = (1, 2, 4, 8, 16, 32)  # the action anchor's candidate K
+
+
+def action_history(steps: Mapping[str, torch.Tensor], lags: int) -> torch.Tensor:
+    """(N, lags * A + 1): at every step, the recorded actions of the last `lags` steps of its
+    episode (newest first, zeros before the episode's start) and the step's index in its episode."""
+    action, is_first = steps["action"].double(), steps["is_first"].bool()
+    episode = torch.cumsum(is_first.long(), 0)
+    index = torch.arange(len(action)) - torch.nonzero(is_first).flatten()[episode - 1]
+    columns = []
+    for lag in range(lags):
+        shifted = torch.zeros_like(action)
+        shifted[lag:] = action[: len(action) - lag]
+        columns.append(torch.where((index >= lag)[:, None], shifted, torch.zeros_like(shifted)))
+    return torch.cat([*columns, index[:, None].double()], 1)
+
+
+def action_anchor(dataset: ProbeDataset, candidates: tuple[int, ...] = ACTION_LAGS) -> ProbeResult:
+    """What the recorded actions alone tell: probes from `action_history`, its K the candidate with
+    the best cross-validated R² (mean over the distinct groups) on the train split."""
+    train_steps, held_steps = dataset.steps("train"), dataset.steps("heldout")
+    counted = [g for g in dataset.groups if g not in duplicate_groups(dataset.states("train"))]
+
+    def cross_validated(lags: int) -> float:
+        probes = fit_ridges(action_history(train_steps, lags), dataset.states("train"), train_steps["is_first"])
+        return float(np.nanmean([probes[g].cv_r2 for g in counted]))
+
+    lags = max(candidates, key=cross_validated)
+    result = fit_probes({"both": action_history(train_steps, lags)}, {"both": action_history(held_steps, lags)},
+                        dataset, names=("both",))
+    result.action_lags = lags
+    return result
 
 
 def noise_features(dataset: ProbeDataset, split: str, dim: int, seed: int) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ R2_FLOOR = -0.5  # lower end of the R² axes: a probe worse than predicting the 
 
 def plot_probe(result: ProbeResult, path: Path, title: str) -> None:
     groups = sorted({g for _, g in result.r2})
-    names = [f for f in ("deter", "stoch", "both") if any((f, g) in result.r2 for g in groups)]
+    names = [f for f in ("embed", "deter", "stoch", "both") if any((f, g) in result.r2 for g in groups)]
     fig = new_figure(12 if result.rollout_r2 else 6.5, 4)
     axes = fig.subplots(1, 2 if result.rollout_r2 else 1, squeeze=False)
     bars = axes[0, 0]
@@ -23,7 +23,8 @@ def plot_probe(result: ProbeResult, path: Path, title: str) -> None:
     for i, name in enumerate(names):
         values = [max(result.r2.get((name, g), np.nan), R2_FLOOR) for g in groups]
         bars.bar(np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width, values, width, label=name)
-    bars.set_xticks(np.arange(len(groups)), groups, rotation=30, ha="right")
+    labels = [f"{g}\n(= {result.not_counted[g]})" if g in result.not_counted else g for g in groups]
+    bars.set_xticks(np.arange(len(groups)), labels, rotation=30, ha="right")
     bars.set(ylim=(R2_FLOOR, 1.05), ylabel="held-out R²", title="linear probe of the posterior state")
     bars.axhline(0, color="grey", lw=0.8)
     bars.legend(title="features", fontsize=8)

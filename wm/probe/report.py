@@ -11,6 +11,7 @@ seeds (rliable's, one task: resampling the seeds), which three seeds make coarse
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +23,16 @@ from rliable import metrics as rly_metrics
 
 from wm.inspection import new_figure
 from wm.objectives import objective_name
-from wm.probe.evaluate import overall_curve
+from wm.probe.evaluate import DUPLICATE_R2, NOT_COUNTED_TAG, overall_curve
 from wm.probe.figures import R2_FLOOR
 
-ANCHOR_ORDER = ("anchor_true", "anchor_untrained", "anchor_noise")
+ANCHOR_ORDER = ("anchor_true", "anchor_actions", "anchor_untrained", "anchor_noise")
+FEATURE_SUFFIXES = ("_embed", "_deter", "_stoch")  # r2 keys of the other feature sets than (h, z)
+
+
+def free_anchor(cell: str) -> bool:
+    """An anchor that needs no learning from the images: every anchor but the true state."""
+    return cell.startswith("anchor_") and cell != "anchor_true"
 HORIZONS = (0, 1, 5, 10, 15)
 
 
@@ -42,6 +49,7 @@ class ProbedRun:
     reward_mse: np.ndarray = field(default_factory=lambda: np.zeros(0))
     heldout_loss: float = float("nan")
     minutes: float = float("nan")  # the run's wall time
+    not_counted: dict[str, str] = field(default_factory=dict)  # groups left out of overall -> the group each repeats
 
     @property
     def anchor(self) -> bool:
@@ -83,7 +91,8 @@ def load_probed_runs(client: MlflowClient, experiment_id: str, skip_tag: str) ->
         minutes = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 60000 if "anchor" not in params else np.nan
         found.append(ProbedRun(run.info.run_name, dataset, cell, int(params.get("seed_everything", 0)), r2, rollout,
                                latest_curve(client, run.info.run_id, "probe/rollout/reward_mse"),
-                               metrics.get("heldout/loss", float("nan")), minutes))
+                               metrics.get("heldout/loss", float("nan")), minutes,
+                               json.loads(run.data.tags.get(NOT_COUNTED_TAG, "{}"))))
     return sorted(found, key=lambda r: (r.dataset, r.anchor, r.cell, r.seed))
 
 
@@ -127,29 +136,45 @@ class ProbeReport:
         lines = [f"{top} Probe report: experiment `{self.experiment}`", "",
                  f"{sum(not r.anchor for r in self.runs)} probed runs and {sum(r.anchor for r in self.runs)} anchors, "
                  f"made by `{self.command}`. Mean over seeds [95% bootstrap interval over seeds, {self.reps} resamples]; "
-                 "R² on the held-out episodes, of a ridge probe fitted on the train episodes; overall: the mean over "
-                 "the groups; a group that never varies in a dataset is left out. Anchors: the true state as the features "
-                 "(the top), an untrained model (what a random network of that architecture already holds; objectives "
-                 "that build the same encoder and RSSM share one, named after the first of them), Gaussian noise "
-                 "features (the bottom).", ""]
+                 "R² on the held-out episodes, of a ridge probe fitted on the train episodes. Overall: the mean over "
+                 "the distinct groups. A group that a linear map of another group gives (R² above "
+                 f"{DUPLICATE_R2} on the train split) is shown but not counted, and of two groups that give each other "
+                 "the first counts, so no quantity is counted twice; a group that never varies in a dataset is left out. "
+                 "Anchors: the true state as the features (the top); the recorded actions alone (the last K actions of "
+                 "the episode and the time step, K up to 32 chosen by cross-validation on the train split), which the "
+                 "RSSM integrates into h for free; an untrained model (what a random network of that architecture "
+                 "already holds; objectives that build the same encoder and RSSM share one, named after the first of "
+                 "them); Gaussian noise features (the bottom). **Gain** is overall minus the best free anchor (every "
+                 "anchor but the true state): a claim about what a representation learned rests on the gain, not on "
+                 "R² alone.", ""]
         for dataset in sorted({r.dataset for r in self.runs}):
             rows = [row for row in self.rows if row["dataset"] == dataset]
             groups = [g for g in rows[0]["groups"]]
+            not_counted = rows[0]["not_counted"]
             lines += [f"{sub} {dataset}", "",
                       "Held-out R² of the linear probe from the latent state (h and z) to each true-state group:", "",
-                      "| objective | seeds | " + " | ".join(groups) + " | overall |",
-                      "| --- | --- |" + " --- |" * (len(groups) + 1)]
+                      "| objective | seeds | " + " | ".join(f"{g} (not counted)" if g in not_counted else g for g in groups)
+                      + " | overall | gain over the best free anchor |",
+                      "| --- | --- |" + " --- |" * (len(groups) + 2)]
             lines += [f"| {row['cell']} | {row['seeds']} | " + " | ".join(fmt(row['r2'][g]) for g in groups)
-                      + f" | **{fmt(row['r2']['overall'])}** |" for row in rows]
+                      + f" | **{fmt(row['r2']['overall'])}** | {fmt(row['gain'])} |" for row in rows]
+            best_cell, best_free = rows[0]["best_free"]
+            if best_cell is not None:
+                lines += ["", f"The best free anchor here is {best_cell}, overall {best_free:.2f}."]
+            if not_counted:
+                lines += ["", "Not counted in overall: " + "; ".join(f"{g}, a linear map of {o}"
+                                                                     for g, o in not_counted.items()) + "."]
             trained = [row for row in rows if not row["cell"].startswith("anchor_")]
-            lines += ["", "Overall R² from h alone, z alone and both; open-loop R² (mean over the groups) of imagined "
+            lines += ["", "Overall R² from the encoder's embedding of the one frame (the image pathway alone), h alone "
+                      "(which integrates the actions), z alone and both; open-loop R² (mean over the groups) of imagined "
                       "states after k steps with the recorded actions (k = 0: the posterior at the rollouts' starts), "
                       "the reward's squared error, and the final held-out world-model loss:", "",
-                      "| objective | h | z | both | " + " | ".join(f"imagined k={k}" for k in HORIZONS)
+                      "| objective | embedding | h | z | both | " + " | ".join(f"imagined k={k}" for k in HORIZONS)
                       + " | reward error k=1 | reward error k=15 | held-out loss | minutes per run |",
-                      "| --- |" + " --- |" * (3 + len(HORIZONS) + 4)]
+                      "| --- |" + " --- |" * (4 + len(HORIZONS) + 4)]
             for row in trained:
-                lines.append(f"| {row['cell']} | {fmt(row['r2']['overall_deter'])} | {fmt(row['r2']['overall_stoch'])} | "
+                lines.append(f"| {row['cell']} | {fmt(row['r2']['overall_embed'])} | {fmt(row['r2']['overall_deter'])} | "
+                             f"{fmt(row['r2']['overall_stoch'])} | "
                              f"{fmt(row['r2']['overall'])} | " + " | ".join(fmt(row['horizon'].get(k, (np.nan,) * 3))
                                                                               for k in HORIZONS)
                              + f" | {fmt(row['reward'].get(1, (np.nan,) * 3), 3)} | {fmt(row['reward'].get(15, (np.nan,) * 3), 3)}"
@@ -163,17 +188,25 @@ def summarise(runs: list[ProbedRun], reps: int) -> list[dict]:
     rows = []
     for dataset in sorted({r.dataset for r in runs}):
         here = [r for r in runs if r.dataset == dataset]
-        groups = sorted({k for r in here for k in r.r2 if k != "overall" and not k.endswith(("_deter", "_stoch"))
+        groups = sorted({k for r in here for k in r.r2 if k != "overall" and not k.endswith(FEATURE_SUFFIXES)
                          and np.isfinite(r.r2[k])})  # a group that never varies in the dataset has no R²
+        free = {cell: float(np.mean([r.r2["overall"] for r in here if r.cell == cell]))
+                for cell in {r.cell for r in here} if free_anchor(cell)}
+        best_cell = max(free, key=free.get) if free else None
+        best_free = free[best_cell] if free else np.nan
+        not_counted = next((r.not_counted for r in here if r.not_counted), {})
         for cell in cell_order({r.cell for r in here}):
             seeds = [r for r in here if r.cell == cell]
-            keys = [*groups, "overall", "overall_deter", "overall_stoch"]
+            keys = [*groups, "overall", *(f"overall{suffix}" for suffix in FEATURE_SUFFIXES)]
             curves = [overall_curve(r.rollout) for r in seeds if r.rollout]
             horizon = {k: interval([c[k] for c in curves if len(c) > k], reps) for k in HORIZONS
                        if any(len(c) > k for c in curves)}
             rows.append({
-                "dataset": dataset, "cell": cell, "seeds": len(seeds), "groups": groups,
+                "dataset": dataset, "cell": cell, "seeds": len(seeds), "groups": groups, "not_counted": not_counted,
+                "best_free": (best_cell, best_free),
                 "r2": {key: interval([r.r2.get(key, np.nan) for r in seeds], reps) for key in keys},
+                "gain": (interval([r.r2["overall"] - best_free for r in seeds], reps) if not cell.startswith("anchor_")
+                         else (np.nan,) * 3),
                 "horizon": horizon,
                 "reward": {k: interval([r.reward_mse[k] for r in seeds if len(r.reward_mse) > k], reps) for k in (1, 15)},
                 "heldout_loss": interval([r.heldout_loss for r in seeds], reps),

@@ -72,22 +72,36 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, is_first: torch.Tensor, folds: i
               penalties: tuple[float, ...] = PENALTIES) -> RidgeProbe:
     """The ridge probe from features x (N, F) to targets y (N, D) of a train split whose episodes
     start where `is_first` (N,) is set, with the penalty of the best cross-validated R²."""
-    x, y = x.double(), y.double()
+    return fit_ridges(x, {"y": y}, is_first, folds, penalties)["y"]
+
+
+def fit_ridges(x: torch.Tensor, targets: dict[str, torch.Tensor], is_first: torch.Tensor, folds: int = 5,
+               penalties: tuple[float, ...] = PENALTIES) -> dict[str, RidgeProbe]:
+    """`fit_ridge` for several targets from the same features, each with its own penalty; the
+    features' eigendecompositions (the cost) are computed once for all of them."""
+    x = x.double()
     x_mean, x_scale = standardiser(x)
-    y_mean, y_scale = standardiser(y)
     z = torch.cat([(x - x_mean) / x_scale, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # a column for the intercept
-    t = (y - y_mean) / y_scale
+    scaled = {}
+    for name, y in targets.items():
+        y = y.double()
+        y_mean, y_scale = standardiser(y)
+        scaled[name] = (y_mean, y_scale, (y - y_mean) / y_scale)
     fold = episode_folds(is_first, folds)
     present = [k for k in range(folds) if (fold == k).any() and (fold != k).any()]
-    scores = torch.zeros(len(penalties), dtype=torch.float64)
+    scores = {name: torch.zeros(len(penalties), dtype=torch.float64) for name in targets}
     for k in present:
         train, held = fold != k, fold == k
         values, vectors = torch.linalg.eigh(z[train].T @ z[train])
-        xty = z[train].T @ t[train]
-        for i, penalty in enumerate(penalties):
-            scores[i] += r2_score(t[held], z[held] @ _solve(values, vectors, xty, penalty * int(train.sum())))
-    best = int(torch.argmax(scores)) if present else 0
+        for name, (_, _, t) in scaled.items():
+            xty = z[train].T @ t[train]
+            for i, penalty in enumerate(penalties):
+                scores[name][i] += r2_score(t[held], z[held] @ _solve(values, vectors, xty, penalty * int(train.sum())))
     values, vectors = torch.linalg.eigh(z.T @ z)
-    weights = _solve(values, vectors, z.T @ t, penalties[best] * len(z))
-    return RidgeProbe(x_mean, x_scale, y_mean, y_scale, weights, penalties[best],
-                      float(scores[best] / max(len(present), 1)))
+    probes = {}
+    for name, (y_mean, y_scale, t) in scaled.items():
+        best = int(torch.argmax(scores[name])) if present else 0
+        weights = _solve(values, vectors, z.T @ t, penalties[best] * len(z))
+        probes[name] = RidgeProbe(x_mean, x_scale, y_mean, y_scale, weights, penalties[best],
+                                  float(scores[name][best] / max(len(present), 1)))
+    return probes
