@@ -355,7 +355,7 @@ def test_hparams_are_plain_data():
     assert hp["objective"] == {
         "class_path": "wm.objectives.mudreamer.MuDreamer",
         "init_args": dict(
-            value_head=False, action_head=True, batchnorm="encoder", value_scale=1.0, action_scale=1.0,
+            value_head=False, action_head=True, batchnorm="both", value_scale=1.0, action_scale=1.0,
             head_layers=3, teacher_rate=0.02, lam=0.95, kl_dyn=0.95, kl_rep=0.05, augment=False, probe_decoder=False,
         ),
     }

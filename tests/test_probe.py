@@ -128,13 +128,15 @@ def test_offline_training_lowers_the_held_out_loss_and_is_a_run(offline):
 @pytest.mark.slow  # probes and rollouts
 def test_probe_eval_logs_into_the_checkpoints_run_and_the_rollout_degrades_with_the_horizon(offline, catch, capsys):
     checkpoint = offline / "catch-barlow-s0/checkpoints/last.ckpt"
-    eval_main(["--ckpt", str(checkpoint), "--data", str(catch.folder), "--observe", "1", "--horizon", "5"])
+    eval_main(["--ckpt", str(checkpoint), "--data", str(catch.folder), "--observe", "1", "--horizon", "5", "--curve"])
     client = MlflowClient(f"sqlite:///{offline / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("probe").experiment_id], filter_string="attributes.run_name = 'catch-barlow-s0'")
     metrics = run.data.metrics
     assert {"probe/ball/r2", "probe/paddle/r2", "probe/overall/r2", "probe/ball/r2_deter", "probe/overall/r2_stoch",
             "probe/overall/r2_embed"} <= set(metrics)
     assert metrics["probe/paddle/r2"] > 0.5 and run.info.status == "FINISHED"
+    curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "probe/curve/overall/r2")}
+    assert sorted(curve) == [20, 40] and curve[40] == pytest.approx(metrics["probe/overall/r2"], abs=0.02)
     ball = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "probe/rollout/ball/r2"), key=lambda m: m.step)]
     reward = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "probe/rollout/reward_mse"), key=lambda m: m.step)]
     assert len(ball) == 6 and ball[-1] < ball[0], ball  # imagined states lose what observed ones hold
@@ -144,6 +146,56 @@ def test_probe_eval_logs_into_the_checkpoints_run_and_the_rollout_degrades_with_
     assert {row["kind"] for row in rows} == {"probe", "overall", "rollout", "reward_mse"}
     assert (folder / "catch-barlow-s0_on_catch.png").is_file()
     assert "overall R²" in capsys.readouterr().out
+
+
+def test_the_datasets_card_says_what_the_actions_alone_tell(catch):
+    card = catch.info["action_anchor"]
+    assert card["lags"] in evaluate.ACTION_LAGS and card["r2"]["paddle"] > 0.9
+    assert card["overall_r2"] == pytest.approx(np.mean(list(card["r2"].values())), abs=1e-3)
+    assert catch.info["policy"] == "random" and catch.info["epsilon"] == 0.0
+
+
+def test_a_blind_model_trains_and_is_probed_on_one_constant_image(catch, tmp_path):
+    """What goes into the encoder of a blind model, in its update and in its probe: grey only."""
+    from wm.probe.offline import BLIND_VALUE, OfflineWorldModel, blinded
+
+    info = catch.info
+    model = OfflineWorldModel(catch.observation_shapes, info["action_dim"], info["discrete"], blind=True)
+    seen = []
+    model.world_model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]["image"]))
+    window = {k: v[:8][None] for k, v in catch.steps("train").items() if not k.startswith("state.")}
+    assert window["image"].float().std() > 0
+    model.world_model.loss(blinded(window, model.blind_keys))
+    evaluate.probe_world_model(model.world_model.eval(), catch, observe_steps=1, horizon=1,
+                               blind_keys=evaluate.blind_keys_of({"hyper_parameters": dict(model.hparams)}))
+    assert seen and all(bool((images == BLIND_VALUE).all()) for images in seen)
+    assert model.hparams["blind"] is True
+
+
+def test_held_out_distracting_episodes_replay_on_backgrounds_the_training_never_shows(tmp_path):
+    from wm.probe.dataset import play_episodes
+
+    collection = Collection("dmc_distracting-cartpole_swingup", 40, action_repeat=2, time_limit=10, heldout_every=2)
+    dataset = collect(collection, tmp_path / "distracting")
+    assert dataset.info["heldout_backgrounds"].startswith("eval clips")
+    held = dataset.steps("heldout")
+    (on_train,), _ = play_episodes(collection, 0, 0, [1], split="train")  # the second episode is held out
+    (on_eval,), _ = play_episodes(collection, 0, 0, [1], split="eval")
+    assert torch.equal(held["image"][:11], torch.as_tensor(on_eval["image"]))
+    np.testing.assert_array_equal(held["state.qpos"][:11].numpy(), on_train["state.qpos"])  # same seed, same actions
+    assert not np.array_equal(on_train["image"], on_eval["image"])
+
+
+@pytest.mark.parametrize("task", ["dmc-cartpole_swingup", "dmc-cheetah_run", "dmc_subtle-ball_in_cup_catch"])
+def test_the_studies_dmc_tasks_start_each_episode_from_another_state(task):
+    """A random initial state: the actions alone cannot give the state away from the first step."""
+    env = make_env(task, time_limit=5)
+    starts = []
+    for seed in range(3):
+        env.reset(seed=seed)
+        starts.append(env.unwrapped.true_state())
+    env.close()
+    assert all(not np.allclose(starts[0]["qpos"], other["qpos"]) for other in starts[1:])
 
 
 def test_the_action_history_holds_each_episodes_last_actions_and_its_time_step():
@@ -187,6 +239,8 @@ def test_anchors_span_the_scale_from_noise_to_the_true_state(catch, tmp_path):
     assert abs(runs["noise"]["probe/overall/r2"]) < 0.05
     assert 0.05 < runs["untrained"]["probe/overall/r2"] < runs["true"]["probe/overall/r2"]
     assert runs["actions"]["probe/paddle/r2"] > 0.9 and 0.3 < runs["actions"]["probe/ball/r2"] < 0.7
+    eval_main(["--anchor", "actions", "--data", str(catch.folder), "--root", str(root), "--experiment", "anchors"])
+    # evaluated again: the same run, so a report counts the anchor once
     (actions,) = client.search_runs([client.get_experiment_by_name("anchors").experiment_id], "params.anchor = 'actions'")
     assert int(actions.data.params["anchor.action_lags"]) in evaluate.ACTION_LAGS
     assert actions.info.run_name == "catch-anchor_actions-s0"
@@ -255,7 +309,7 @@ def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, c
     study = {"experiment": "study", "root": str(tmp_path / "runs"), "data": str(catch.folder.parent),
              "datasets": [{"task": "toy-catch", "name": catch.folder.name, "frames": 3000}],
              "objectives": ["barlow"], "seeds": [0], "parallel": 1, "train": TRAIN,
-             "eval": ["--observe", "2", "--horizon", "3"]}
+             "eval": ["--observe", "2", "--horizon", "3"], "blind": ["barlow"], "curve": [20, 40]}
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(study))
     study_main(["--config", str(config)])
@@ -264,8 +318,30 @@ def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, c
     config.write_text(yaml.safe_dump({**study, "seeds": [0, 1]}))
     study_main(["--config", str(config)])
     printed = capsys.readouterr().out
-    assert "study study: 2 runs (1 already finished), 1 probed" in printed
+    assert "study study: 4 runs (2 already finished), 2 probed" in printed
     assert f"--out {tmp_path / 'runs' / 'report'}" in printed, "the report goes under the study's root, not the checkout"
     runs = {r.info.run_name: r for r in runs_of(client, "study")}
     assert runs["catch-barlow-s0"].info.end_time == first.info.end_time
     assert runs["catch-barlow-s1"].info.status == "FINISHED"
+    # The blind model is an anchor run trained on constant images; every run's checkpoints are probed over training.
+    blind = runs["catch-anchor_blind_barlow-s1"]
+    assert blind.data.params["model.blind"] == "True" and blind.info.status == "FINISHED"
+    curve = client.get_metric_history(blind.info.run_id, "probe/curve/overall/r2")
+    assert sorted(m.step for m in curve) == [20, 40]
+    assert abs(blind.data.metrics["probe/overall/r2_embed"]) < 0.02, "a constant image's embedding tells nothing"
+    from wm.report import main as report_main
+
+    report_main(["--experiment", "study", "--tracking-uri", sqlite_uri(tmp_path / "runs" / "mlflow.db"),
+                 "--out", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "report.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| objective | seeds |")][0]
+    assert table.endswith("| overall | gain over the best free anchor |")
+    best = max(runs[f"catch-anchor_{kind}-s0"].data.metrics["probe/overall/r2"] for kind in ("actions", "noise"))
+    best = max(best, *(r.data.metrics["probe/overall/r2"] for name, r in runs.items()
+                       if "anchor_blind" in name or "anchor_untrained" in name))
+    barlow = np.mean([runs[f"catch-barlow-s{seed}"].data.metrics["probe/overall/r2"] for seed in (0, 1)])
+    (row,) = [line for line in text.splitlines() if line.startswith("| barlow | 2 |")]
+    assert row.split("|")[-2].strip().startswith(f"{barlow - best:.2f}"), (row, barlow, best)
+    for cell in ("anchor_actions", "anchor_blind_barlow", "anchor_true", "anchor_noise"):
+        assert f"| {cell} |" in text
+    assert "| objective | 20 updates | 40 updates |" in text and (tmp_path / "report" / "probe_curve_catch.png").is_file()

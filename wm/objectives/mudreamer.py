@@ -35,9 +35,9 @@ class MuDreamer(Objective):
     - action head: predicts a_{t-1} from (e_t, s_{t-1}) (inverse dynamics), NLL of the policy's
       distribution family, skipped where an episode starts (no previous action).
     - BatchNorm in the "representation network" instead of RMSNorm. The paper leaves open whether
-      that is the image encoder or the posterior (docs/algorithm.md §2): `batchnorm` is "encoder"
-      (the default, the likelier reading), "posterior", "both" or "none" (True and False, the
-      switch's older values, mean "encoder" and "none").
+      that is the image encoder or the posterior (docs/algorithm.md §2): `batchnorm` is "both"
+      (the default, chosen by the representation probes), "encoder", "posterior" or "none" (True
+      and False, the switch's older values, mean "encoder" and "none").
     - optional decoder on sg(s_t) for visualisation only (`probe_decoder`, as on any objective).
     - KL weights 0.95 / 0.05.
     Head depths, loss scales and the teacher rate are not published: defaults are the critic's
@@ -48,7 +48,7 @@ class MuDreamer(Objective):
         self,
         value_head: bool = True,
         action_head: bool = True,
-        batchnorm: str | bool = "encoder",
+        batchnorm: str | bool = "both",
         value_scale: float = 1.0,
         action_scale: float = 1.0,
         head_layers: int = 3,

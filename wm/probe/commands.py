@@ -49,6 +49,9 @@ def collect_main(argv: list[str]) -> None:
     print(f"{dataset.folder}: {splits['train']['episodes']} train and {splits['heldout']['episodes']} held-out episodes "
           f"({splits['train']['frames'] + splits['heldout']['frames']:,} frames) in {dataset.info['seconds']:.0f} s; "
           f"true-state groups: {', '.join(f'{g} ({d})' for g, d in dataset.groups.items())}")
+    anchor = dataset.info["action_anchor"]
+    print(f"  the actions alone (the last {anchor['lags']} and the time step) give overall R² {anchor['overall_r2']:.2f} of "
+          f"the state: " + ", ".join(f"{g} {r2:.2f}" for g, r2 in anchor["r2"].items()))
 
 
 # --------------------------------------------------------------------------------------- eval
@@ -69,6 +72,9 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", type=Path, default=Path("runs/probe"), help="anchors: their store's folder")
     parser.add_argument("--tracking-uri", default="", help="anchors: their store (default: <root>/mlflow.db)")
     parser.add_argument("--no-log", action="store_true", help="write the CSV and figure only")
+    parser.add_argument("--curve", type=int, nargs="*", default=None, metavar="UPDATES",
+                        help="--ckpt of `wm.probe train`: also probe its updates=N checkpoints (these N, or all), "
+                             "logged as probe/curve/overall/r2 against N")
     return parser
 
 
@@ -143,7 +149,8 @@ def anchor_name(args, dataset: ProbeDataset) -> str:
 
 
 def anchor_run(args, dataset: ProbeDataset) -> tuple[str, str]:
-    """(tracking URI, run id, run name) of a new MLflow run for an anchor."""
+    """(tracking URI, run id) of the anchor's MLflow run: the one of its name, evaluated again
+    (its numbers replaced), or a new one; one name, one run, so a report counts it once."""
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(args.root / "mlflow.db")
     db = sqlite_file(uri)
     if db is not None:
@@ -152,6 +159,9 @@ def anchor_run(args, dataset: ProbeDataset) -> tuple[str, str]:
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(uri, args.experiment)
     name = anchor_name(args, dataset)
+    existing = client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{name}'", max_results=1)
+    if existing:
+        return uri, existing[0].info.run_id
     run = client.create_run(experiment_id, run_name=name, tags={ANCHOR_TAG: args.anchor})
     params = {"anchor": args.anchor, "data.dataset": str(dataset.folder.resolve()), "seed_everything": args.seed,
               "run.variant": anchor_variant(args), "model.size": args.size}
@@ -168,7 +178,8 @@ def eval_main(argv: list[str]) -> None:
         world_model, checkpoint = evaluate.load_world_model(args.ckpt)
     dataset = ProbeDataset(args.data)
     if args.ckpt is not None:
-        result = evaluate.probe_world_model(world_model, dataset, args.observe, args.horizon, args.seed)
+        result = evaluate.probe_world_model(world_model, dataset, args.observe, args.horizon, args.seed,
+                                            evaluate.blind_keys_of(checkpoint))
         record = checkpoint.get(RECORD_KEY) or {}
         name = args.ckpt.resolve().parent.parent.name
         out = args.out or args.ckpt.resolve().parent.parent / "probe"
@@ -192,6 +203,7 @@ def eval_main(argv: list[str]) -> None:
         curve = evaluate.overall_curve(result.rollout_r2)
         print("  imagined, R² at horizon " + ", ".join(f"{k}: {curve[k]:.3f}" for k in range(0, len(curve), 5)))
     print(f"  {files[0]}\n  {files[1]}")
+    curve = probe_curve(args, dataset) if args.ckpt is not None and args.curve is not None else {}
     if args.no_log:
         return
     if args.ckpt is not None:
@@ -202,7 +214,34 @@ def eval_main(argv: list[str]) -> None:
     else:
         uri, run_id = anchor_run(args, dataset)
     log_result(uri, run_id, result, files, dataset)
+    if curve:
+        now = int(time.time() * 1000)
+        MlflowClient(uri).log_batch(run_id, metrics=[Metric("probe/curve/overall/r2" + ("" if feature == "both" else f"_{feature}"),
+                                                            r2, now, updates)
+                                                     for updates, overall in curve.items() for feature, r2 in overall.items()])
     print(f"  logged to MLflow run {run_id} in {uri}")
+
+
+def probe_curve(args, dataset: ProbeDataset) -> dict[int, dict[str, float]]:
+    """Overall R² (per feature set) of the run's `updates=N.ckpt` checkpoints: learning speed and
+    plateau. N -> feature -> R²; printed as it goes."""
+    def updates(path: Path) -> int:
+        return int(path.stem.partition("=")[2])
+
+    found = {updates(p): p for p in args.ckpt.resolve().parent.glob("updates=*.ckpt") if p.stem.partition("=")[2].isdigit()}
+    wanted = sorted(found if not args.curve else set(args.curve) & set(found))
+    missing = sorted(set(args.curve or ()) - set(found))
+    if not found:
+        print(f"  curve: {args.ckpt.parent} holds no updates=N.ckpt checkpoint (`wm.probe train` writes them)")
+    elif missing:
+        print(f"  curve: no checkpoint at {', '.join(map(str, missing))} updates (the run has {sorted(found)})")
+    curve = {}
+    for n in wanted:
+        world_model, checkpoint = evaluate.load_world_model(found[n])
+        result = evaluate.probe_world_model(world_model, dataset, args.observe, 0, args.seed, evaluate.blind_keys_of(checkpoint))
+        curve[n] = {feature: result.overall(feature) for feature in evaluate.FEATURES}
+        print(f"  curve: {n:,} updates: overall R² " + ", ".join(f"{f} {r2:.3f}" for f, r2 in curve[n].items()), flush=True)
+    return curve
 
 
 # -------------------------------------------------------------------------------------- study
@@ -229,12 +268,17 @@ def study_main(argv: list[str]) -> None:
         datasets.append(folder)
     uri = sqlite_uri(root / "mlflow.db")
     runs = {}  # run name -> (its dataset folder, its training command)
+    # `blind`: objectives also trained blind (every image a constant), the anchor of what the actions
+    # and rewards alone teach the RSSM: cells `anchor_blind_<objective>`.
+    cells = [(objective, objective, []) for objective in objectives]
+    cells += [(objective, f"anchor_blind_{objective}", ["--model.blind", "true", "--run.variant", f"anchor_blind_{objective}"])
+              for objective in study.get("blind", [])]
     for folder in datasets:
-        for objective in objectives:
+        for objective, cell, extra in cells:
             for seed in seeds:
-                name = run_name(folder.name, objective, seed)
+                name = run_name(folder.name, cell, seed)
                 runs[name] = (folder, [sys.executable, "-m", "wm.probe", "train", *study.get("train", []),
-                                       "--config", str(OBJECTIVE_CONFIGS / f"{objective}.yaml"), "--data.dataset",
+                                       "--config", str(OBJECTIVE_CONFIGS / f"{objective}.yaml"), *extra, "--data.dataset",
                                        str(folder), "--seed_everything", str(seed), "--run.name", name,
                                        "--run.root", str(root), "--run.experiment", experiment,
                                        "--run.tracking_uri", uri, "--ckpt_path", "last"])
@@ -255,7 +299,8 @@ def study_main(argv: list[str]) -> None:
     for name, (folder, _) in runs.items():
         checkpoint = root / name / "checkpoints" / "last.ckpt"
         if checkpoint.exists() and done.get(name, {}).get(PROBED_TAG) != str(folder.resolve()):
-            evaluated[name] = run_eval(["--ckpt", str(checkpoint), "--data", str(folder), *study.get("eval", [])])
+            curve = ["--curve", *map(str, study["curve"])] if "curve" in study else []
+            evaluated[name] = run_eval(["--ckpt", str(checkpoint), "--data", str(folder), *study.get("eval", []), *curve])
     for folder in datasets:
         common = ["--data", str(folder), "--experiment", experiment, "--root", str(root), *study.get("eval", [])]
         anchors = [["--anchor", "true"], ["--anchor", "actions"], *(["--anchor", "noise", "--seed", str(seed)] for seed in seeds),

@@ -8,11 +8,16 @@ flags and the env's `true_state()` groups (`state.<group>` keys). Each split is 
 buffer of one env stream, its episodes one after another, in the replay store's chunk files
 (`datamodules.replay_store`): the same layout as a run's replay, read back with its checks.
 `dataset.json`, written last, says what the folder holds; a folder without it is an unfinished
-collection, which `collect` may overwrite.
+collection, which `collect` may overwrite. It is the dataset's card: the policy mix (policy,
+epsilon), and what the recorded actions alone tell of the state (the action anchor's R²), since a
+dataset whose state the actions give away cannot show what the images add. Held-out episodes of
+dmc_distracting are played again, with the same seeds and actions, on background clips the
+training never shows (a video folder's `eval/` clips, or the procedural source's eval seed).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import sys
@@ -66,46 +71,58 @@ def random_action(space, rng: np.random.Generator) -> np.ndarray:
 CHUNK_FRAMES = 2000  # env frames per unit of work (a worker's task, a step of the progress bar)
 
 
-def play_episodes(collection: Collection, first_episode: int, frames: int) -> tuple[list[dict[str, np.ndarray]], bool]:
-    """Episodes first_episode, first_episode + 1, ... until they hold `frames` env frames, each as
-    arrays with one row per observation (the first with a zero action and reward); and whether
-    the actions are discrete."""
+def play_episodes(collection: Collection, first_episode: int, frames: int, indices: list[int] | None = None,
+                  split: str = "train") -> tuple[list[dict[str, np.ndarray]], bool]:
+    """Episodes first_episode, first_episode + 1, ... until they hold `frames` env frames (or the
+    episodes `indices`), each as arrays with one row per observation (the first with a zero action
+    and reward); and whether the actions are discrete. Episode i resets with seed + i and draws its
+    random actions from its own generator, so it can be played again; `split` chooses the
+    background clips of dmc_distracting ("eval": clips the training never shows)."""
     from wm.envs import make_env  # in a worker process, the simulators load here
 
-    env = make_env(collection.task, collection.action_repeat, collection.time_limit, video_dir=collection.video_dir)
+    env = make_env(collection.task, collection.action_repeat, collection.time_limit, video_dir=collection.video_dir,
+                   split=split)
     discrete = hasattr(env.action_space, "n")
     agent = None
     if collection.policy is not None:
         from wm.agent.agent import Agent
 
         agent = Agent.from_checkpoint(collection.policy).eval()
-    episodes, played, index = [], 0, first_episode
+    episodes, played = [], 0
+    todo = iter(indices) if indices is not None else itertools.count(first_episode)
     try:
-        while played < frames:
-            rng = np.random.default_rng([collection.seed, index])
-            obs, _ = env.reset(seed=collection.seed + index)
-            action = np.zeros_like(random_action(env.action_space, rng))
-            rows = [step_row(obs, action, 0.0, True, False, False, env.unwrapped.true_state())]
-            state, done = None, False
-            while not done:
-                if agent is not None:  # the policy sees every observation, also where epsilon overrides it
-                    batch = {k: torch.as_tensor(v)[None] for k, v in obs.items()}
-                    batch["is_first"] = torch.tensor([len(rows) == 1])
-                    chosen, state = agent.act(batch, state, mode="sample")
-                    action = chosen[0].float().numpy()
-                if agent is None or rng.random() < collection.epsilon:
-                    action = random_action(env.action_space, rng)
-                    if state is not None:  # the recurrent state continues from the action really taken
-                        state = state._replace(action=torch.as_tensor(action)[None])
-                obs, reward, terminated, truncated, _ = env.step(int(action.argmax()) if discrete else action)
-                done = terminated or truncated
-                rows.append(step_row(obs, action, reward, False, done, terminated, env.unwrapped.true_state()))
-            episodes.append({key: np.stack([row[key] for row in rows]) for key in rows[0]})
-            played += (len(rows) - 1) * collection.action_repeat
-            index += 1
+        for index in todo:
+            if indices is None and played >= frames:
+                break
+            episodes.append(play_episode(env, agent, collection, index))
+            played += (len(episodes[-1]["reward"]) - 1) * collection.action_repeat
     finally:
         env.close()
     return episodes, discrete
+
+
+def play_episode(env, agent, collection: Collection, index: int) -> dict[str, np.ndarray]:
+    """Episode `index` of the collection (see `play_episodes`)."""
+    discrete = hasattr(env.action_space, "n")
+    rng = np.random.default_rng([collection.seed, index])
+    obs, _ = env.reset(seed=collection.seed + index)
+    action = np.zeros_like(random_action(env.action_space, rng))
+    rows = [step_row(obs, action, 0.0, True, False, False, env.unwrapped.true_state())]
+    state, done = None, False
+    while not done:
+        if agent is not None:  # the policy sees every observation, also where epsilon overrides it
+            batch = {k: torch.as_tensor(v)[None] for k, v in obs.items()}
+            batch["is_first"] = torch.tensor([len(rows) == 1])
+            chosen, state = agent.act(batch, state, mode="sample")
+            action = chosen[0].float().numpy()
+        if agent is None or rng.random() < collection.epsilon:
+            action = random_action(env.action_space, rng)
+            if state is not None:  # the recurrent state continues from the action really taken
+                state = state._replace(action=torch.as_tensor(action)[None])
+        obs, reward, terminated, truncated, _ = env.step(int(action.argmax()) if discrete else action)
+        done = terminated or truncated
+        rows.append(step_row(obs, action, reward, False, done, terminated, env.unwrapped.true_state()))
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 def step_row(obs, action, reward, first, last, terminal, state) -> dict[str, np.ndarray]:
@@ -141,12 +158,18 @@ def collect(collection: Collection, out: Path, workers: int = 1) -> "ProbeDatase
                     parts.append(future.result())
                     bar.update(frames)
     episodes = [episode for part, _ in parts for episode in part]
+    indices = [k * 10**6 + j for k, (part, _) in enumerate(parts) for j in range(len(part))]
     discrete = parts[0][1]
-    splits = {name: [e for i, e in enumerate(episodes) if (i % collection.heldout_every == collection.heldout_every - 1)
-                     == (name == "heldout")] for name in SPLITS}
-    if not splits["heldout"]:
+    held = [i % collection.heldout_every == collection.heldout_every - 1 for i in range(len(episodes))]
+    if not any(held):
         raise ValueError(f"{len(episodes)} episodes leave none for the held-out split (every {collection.heldout_every}th): "
                          "collect more frames or lower --heldout-every")
+    backgrounds = collection.task.startswith("dmc_distracting-")
+    if backgrounds:  # held-out episodes played again (same seed and actions) on clips the training never shows
+        played, _ = play_episodes(collection, 0, 0, [index for index, h in zip(indices, held) if h], split="eval")
+        again = iter(played)
+        episodes = [next(again) if h else episode for episode, h in zip(episodes, held)]
+    splits = {name: [e for e, h in zip(episodes, held) if h == (name == "heldout")] for name in SPLITS}
     first = episodes[0]
     observations = {k: list(v.shape[1:]) for k, v in first.items()
                     if k not in ("action", "reward", "is_first", "is_last", "is_terminal") and not k.startswith(STATE_PREFIX)}
@@ -155,6 +178,7 @@ def collect(collection: Collection, out: Path, workers: int = 1) -> "ProbeDatase
         "task": collection.task, "action_repeat": collection.action_repeat, "time_limit": collection.time_limit,
         "seed": collection.seed, "frames": collection.frames, "policy": collection.policy or "random",
         "epsilon": collection.epsilon, "heldout_every": collection.heldout_every, "video_dir": collection.video_dir,
+        "heldout_backgrounds": "eval clips (never in training)" if backgrounds else None,
         "observation_shapes": observations, "groups": groups, "action_dim": int(first["action"].shape[1]),
         "discrete": discrete, "splits": {}, "seconds": 0.0, "command": " ".join(sys.argv),
     }
@@ -169,20 +193,32 @@ def collect(collection: Collection, out: Path, workers: int = 1) -> "ProbeDatase
         info["splits"][name] = {"manifest": manifest, "episodes": len(split), "steps": buffer.rows_added,
                                 "frames": sum((len(e["reward"]) - 1) for e in split) * collection.action_repeat}
     info["seconds"] = round(time.perf_counter() - started, 1)
+    info["action_anchor"] = action_anchor_card(ProbeDataset(out, info))
     text = json.dumps(info, indent=1).encode()
     atomic_write(out / INFO, lambda f: f.write(text))
     return ProbeDataset(out)
 
 
+def action_anchor_card(dataset: "ProbeDataset") -> dict:
+    """What the actions alone tell of this dataset's state (`wm.probe.evaluate.action_anchor`), for
+    its card: a dataset whose state the actions give away cannot show what the images add."""
+    from wm.probe.evaluate import action_anchor
+
+    result = action_anchor(dataset)
+    return {"overall_r2": round(result.overall(), 4), "lags": result.action_lags,
+            "r2": {group: round(r2, 4) for (_, group), r2 in result.r2.items()}, "not_counted": result.not_counted}
+
+
 class ProbeDataset:
     """A collected dataset: its description and its splits as replay buffers."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, info: dict | None = None):
+        """`info`: the description of a collection not yet finished (its dataset.json not written)."""
         self.folder = Path(folder)
-        if not (self.folder / INFO).is_file():
+        if info is None and not (self.folder / INFO).is_file():
             raise FileNotFoundError(f"{self.folder} holds no probe dataset ({INFO} is missing): make one with "
                                     "`python -m wm.probe collect`")
-        self.info = json.loads((self.folder / INFO).read_text())
+        self.info = info if info is not None else json.loads((self.folder / INFO).read_text())
         self._buffers: dict[str, ReplayBuffer] = {}
 
     @property

@@ -48,6 +48,12 @@ from wm.agent.world_model import WorldModel
 FEATURES = ("embed", "deter", "stoch", "both")  # the encoder's embedding of one frame, h, z, (h, z)
 
 
+def blind_keys_of(checkpoint: dict) -> list[str]:
+    """The images a blind offline world model (`OfflineWorldModel(blind=True)`) was trained without."""
+    hparams = checkpoint["hyper_parameters"]
+    return [k for k, shape in hparams["observation_shapes"].items() if len(shape) == 3] if hparams.get("blind") else []
+
+
 def load_world_model(path: str | Path) -> tuple[WorldModel, dict]:
     """The world model of an agent or offline checkpoint, in evaluation mode, and the checkpoint."""
     from wm.agent.agent import Agent, rebuild
@@ -193,12 +199,14 @@ def roll_out(world_model: WorldModel, steps: Mapping[str, torch.Tensor], posteri
 
 
 def probe_world_model(world_model: WorldModel, dataset: ProbeDataset, observe_steps: int = 5, horizon: int = 15,
-                      seed: int = 0) -> ProbeResult:
-    """Observe both splits, fit and score the probes, and roll out (the whole of `wm.probe eval`)."""
+                      seed: int = 0, blind_keys: Sequence[str] = ()) -> ProbeResult:
+    """Observe both splits, fit and score the probes, and roll out (the whole of `wm.probe eval`).
+    `blind_keys`: the images a blind model sees as a constant (`blind_keys_of`)."""
+    from wm.probe.offline import blinded
+
     torch.manual_seed(seed)  # the latents are sampled
-    held_steps = dataset.steps("heldout")
-    (train_post, train_embed), (held_post, held_embed) = (observe(world_model, dataset.steps("train")),
-                                                          observe(world_model, held_steps))
+    train_steps, held_steps = (blinded(dataset.steps(split), list(blind_keys)) for split in ("train", "heldout"))
+    (train_post, train_embed), (held_post, held_embed) = observe(world_model, train_steps), observe(world_model, held_steps)
     result = fit_probes(features(train_post, train_embed), features(held_post, held_embed), dataset)
     roll_out(world_model, held_steps, held_post, result, dataset, observe_steps, horizon, seed=seed)
     return result
@@ -221,7 +229,7 @@ def action_history(steps: Mapping[str, torch.Tensor], lags: int) -> torch.Tensor
     columns = []
     for lag in range(lags):
         shifted = torch.zeros_like(action)
-        shifted[lag:] = action[: len(action) - lag]
+        shifted[lag:] = action[: max(len(action) - lag, 0)]
         columns.append(torch.where((index >= lag)[:, None], shifted, torch.zeros_like(shifted)))
     return torch.cat([*columns, index[:, None].double()], 1)
 

@@ -45,6 +45,8 @@ class OfflineWorldModel(L.LightningModule):
     """A world model with its objective, and the optimiser a fit gives it (docs/algorithm.md §1).
 
     Args: as `wm.agent.Agent`'s world-model arguments; `size` defaults to size1M, the CPU studies'.
+    `blind`: every image replaced by a constant, in training and when probed, so the RSSM learns from
+    the actions and rewards alone: the anchor of what a world model holds without seeing.
     """
 
     def __init__(
@@ -57,9 +59,11 @@ class OfflineWorldModel(L.LightningModule):
         world_model: WorldModelConfig = WorldModelConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         policy_unimix: float = POLICY_UNIMIX,
+        blind: bool = False,
     ):
         super().__init__()
         self.automatic_optimization = False
+        self.blind_keys = [k for k, shape in observation_shapes.items() if len(shape) == 3] if blind else []
         objective = objective if objective is not None else make_objective(DEFAULT_OBJECTIVE)
         self.optimizer_config = optimizer
         save_plain_hyperparameters(self, observation_shapes, objective, world_model=world_model, optimizer=optimizer)
@@ -76,7 +80,7 @@ class OfflineWorldModel(L.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         """One world-model update; skipped on the device if its loss or a gradient is not finite."""
         buffers = [b.clone() for b in self.buffers()]
-        out = self.world_model.loss(batch)
+        out = self.world_model.loss(blinded(batch, self.blind_keys))
         taken, _, _ = guarded_step(self, out.loss, buffers)
         self.world_model.objective.after_update(taken)
         self.log_dict({f"train/{k}": v.detach().float() for k, v in {"loss": out.loss, **out.terms}.items()},
@@ -85,7 +89,7 @@ class OfflineWorldModel(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         """The loss on held-out episodes, averaged over the validation batches."""
-        out = self.world_model.loss(batch)
+        out = self.world_model.loss(blinded(batch, self.blind_keys))
         self.log_dict({f"heldout/{k}": v.float() for k, v in {"loss": out.loss, **out.terms}.items()},
                       on_step=False, on_epoch=True, batch_size=batch["reward"].shape[0])
 
@@ -102,6 +106,14 @@ class Sequences(IterableDataset):
         while True:
             batch, _ = buffer.sample(dm.batch_size, dm.sequence_length, dm.generator)
             yield model_inputs(batch)
+
+
+BLIND_VALUE = 128  # the grey every image of a blind model shows
+
+
+def blinded(batch: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The batch with the images under `keys` one constant grey (none: the batch as it is)."""
+    return {k: torch.full_like(v, BLIND_VALUE) if k in keys else v for k, v in batch.items()}
 
 
 def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

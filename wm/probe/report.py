@@ -26,7 +26,7 @@ from wm.objectives import objective_name
 from wm.probe.evaluate import DUPLICATE_R2, NOT_COUNTED_TAG, overall_curve
 from wm.probe.figures import R2_FLOOR
 
-ANCHOR_ORDER = ("anchor_true", "anchor_actions", "anchor_untrained", "anchor_noise")
+ANCHOR_ORDER = ("anchor_true", "anchor_actions", "anchor_blind", "anchor_untrained", "anchor_noise")
 FEATURE_SUFFIXES = ("_embed", "_deter", "_stoch")  # r2 keys of the other feature sets than (h, z)
 
 
@@ -34,6 +34,7 @@ def free_anchor(cell: str) -> bool:
     """An anchor that needs no learning from the images: every anchor but the true state."""
     return cell.startswith("anchor_") and cell != "anchor_true"
 HORIZONS = (0, 1, 5, 10, 15)
+CURVE_KEY = "probe/curve/overall/r2"  # a run's checkpoints probed over its training, the updates as the step
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ProbedRun:
     heldout_loss: float = float("nan")
     minutes: float = float("nan")  # the run's wall time
     not_counted: dict[str, str] = field(default_factory=dict)  # groups left out of overall -> the group each repeats
+    curve: dict[int, float] = field(default_factory=dict)  # updates -> overall R² of that checkpoint
 
     @property
     def anchor(self) -> bool:
@@ -61,14 +63,19 @@ def is_probe_experiment(client: MlflowClient, experiment_id: str) -> bool:
     return bool(runs)
 
 
-def latest_curve(client: MlflowClient, run_id: str, key: str) -> np.ndarray:
-    """A rollout curve (the horizon as the step) from its latest evaluation: a run probed again
-    holds each horizon's point of every evaluation, and the last written is the one that counts."""
+def latest_points(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """A curve's points (step -> value) from its latest evaluation: a run probed again holds each
+    step's point of every evaluation, and the last written is the one that counts."""
     latest: dict[int, tuple[int, float]] = {}
     for m in client.get_metric_history(run_id, key):
         if m.step not in latest or m.timestamp >= latest[m.step][0]:
             latest[m.step] = (m.timestamp, m.value)
-    return np.array([latest[step][1] for step in sorted(latest)])
+    return {step: latest[step][1] for step in sorted(latest)}
+
+
+def latest_curve(client: MlflowClient, run_id: str, key: str) -> np.ndarray:
+    """A rollout curve (the horizon as the step) from its latest evaluation (`latest_points`)."""
+    return np.array(list(latest_points(client, run_id, key).values()))
 
 
 def load_probed_runs(client: MlflowClient, experiment_id: str, skip_tag: str) -> list[ProbedRun]:
@@ -83,7 +90,7 @@ def load_probed_runs(client: MlflowClient, experiment_id: str, skip_tag: str) ->
         else:
             cell = objective_name(params.get("model.objective.class_path"), params.get("run.variant"))
         r2 = {key.removeprefix("probe/").replace("/r2", ""): value for key, value in metrics.items()
-              if key.startswith("probe/") and not key.startswith("probe/rollout/")}
+              if key.startswith("probe/") and not key.startswith(("probe/rollout/", "probe/curve/"))}
         rollout = {}
         for key in metrics:
             if key.startswith("probe/rollout/") and key.endswith("/r2"):
@@ -92,7 +99,8 @@ def load_probed_runs(client: MlflowClient, experiment_id: str, skip_tag: str) ->
         found.append(ProbedRun(run.info.run_name, dataset, cell, int(params.get("seed_everything", 0)), r2, rollout,
                                latest_curve(client, run.info.run_id, "probe/rollout/reward_mse"),
                                metrics.get("heldout/loss", float("nan")), minutes,
-                               json.loads(run.data.tags.get(NOT_COUNTED_TAG, "{}"))))
+                               json.loads(run.data.tags.get(NOT_COUNTED_TAG, "{}")),
+                               latest_points(client, run.info.run_id, CURVE_KEY) if CURVE_KEY in metrics else {}))
     return sorted(found, key=lambda r: (r.dataset, r.anchor, r.cell, r.seed))
 
 
@@ -142,7 +150,8 @@ class ProbeReport:
                  "the first counts, so no quantity is counted twice; a group that never varies in a dataset is left out. "
                  "Anchors: the true state as the features (the top); the recorded actions alone (the last K actions of "
                  "the episode and the time step, K up to 32 chosen by cross-validation on the train split), which the "
-                 "RSSM integrates into h for free; an untrained model (what a random network of that architecture "
+                 "RSSM integrates into h for free; a blind model (the objective trained with every image one constant "
+                 "grey, so that its RSSM learns from the actions and rewards alone); an untrained model (what a random network of that architecture "
                  "already holds; objectives that build the same encoder and RSSM share one, named after the first of "
                  "them); Gaussian noise features (the bottom). **Gain** is overall minus the best free anchor (every "
                  "anchor but the true state): a claim about what a representation learned rests on the gain, not on "
@@ -164,7 +173,7 @@ class ProbeReport:
             if not_counted:
                 lines += ["", "Not counted in overall: " + "; ".join(f"{g}, a linear map of {o}"
                                                                      for g, o in not_counted.items()) + "."]
-            trained = [row for row in rows if not row["cell"].startswith("anchor_")]
+            models = [row for row in rows if np.isfinite(row["r2"]["overall_deter"][0])]  # trained, blind, untrained
             lines += ["", "Overall R² from the encoder's embedding of the one frame (the image pathway alone), h alone "
                       "(which integrates the actions), z alone and both; open-loop R² (mean over the groups) of imagined "
                       "states after k steps with the recorded actions (k = 0: the posterior at the rollouts' starts), "
@@ -172,7 +181,7 @@ class ProbeReport:
                       "| objective | embedding | h | z | both | " + " | ".join(f"imagined k={k}" for k in HORIZONS)
                       + " | reward error k=1 | reward error k=15 | held-out loss | minutes per run |",
                       "| --- |" + " --- |" * (4 + len(HORIZONS) + 4)]
-            for row in trained:
+            for row in models:
                 lines.append(f"| {row['cell']} | {fmt(row['r2']['overall_embed'])} | {fmt(row['r2']['overall_deter'])} | "
                              f"{fmt(row['r2']['overall_stoch'])} | "
                              f"{fmt(row['r2']['overall'])} | " + " | ".join(fmt(row['horizon'].get(k, (np.nan,) * 3))
@@ -180,6 +189,15 @@ class ProbeReport:
                              + f" | {fmt(row['reward'].get(1, (np.nan,) * 3), 3)} | {fmt(row['reward'].get(15, (np.nan,) * 3), 3)}"
                              f" | {fmt(row['heldout_loss'], 1)} | {fmt(row['minutes'], 1)} |")
             lines += ["", f"![probe of {dataset}]({folder}probe_{dataset}.png)", ""]
+            curves = [row for row in rows if row["curve"]]
+            if curves:
+                steps = sorted({n for row in curves for n in row["curve"]})
+                lines += ["Overall R² over training, from each run's checkpoints (learning speed and plateau):", "",
+                          "| objective | " + " | ".join(f"{n:,} updates" for n in steps) + " |",
+                          "| --- |" + " --- |" * len(steps)]
+                lines += [f"| {row['cell']} | " + " | ".join(fmt(row['curve'].get(n, (np.nan,) * 3)) for n in steps) + " |"
+                          for row in curves]
+                lines += ["", f"![probe over training of {dataset}]({folder}probe_curve_{dataset}.png)", ""]
         return "\n".join(lines)
 
 
@@ -210,6 +228,8 @@ def summarise(runs: list[ProbedRun], reps: int) -> list[dict]:
                 "horizon": horizon,
                 "reward": {k: interval([r.reward_mse[k] for r in seeds if len(r.reward_mse) > k], reps) for k in (1, 15)},
                 "heldout_loss": interval([r.heldout_loss for r in seeds], reps),
+                "curve": {n: interval([r.curve[n] for r in seeds if n in r.curve], reps)
+                          for n in sorted({n for r in seeds for n in r.curve})},
                 "minutes": interval([r.minutes for r in seeds], reps),
             })
     return rows
@@ -252,6 +272,32 @@ def plot(rows: list[dict], runs: list[ProbedRun], dataset: str, path: Path) -> N
     fig.savefig(path, dpi=110)
 
 
+def plot_curves(rows: list[dict], runs: list[ProbedRun], dataset: str, path: Path) -> None:
+    """Overall R² against updates: one line per cell (mean over seeds), its seeds' band."""
+    fig = new_figure(7, 4.2)
+    axes = fig.subplots()
+    colours = colormaps["tab10"]
+    for i, row in enumerate(r for r in rows if r["dataset"] == dataset and r["curve"]):
+        steps = sorted(row["curve"])
+        per_seed = [[r.curve.get(n, np.nan) for n in steps] for r in runs if r.dataset == dataset and r.cell == row["cell"]]
+        axes.plot(steps, [row["curve"][n][0] for n in steps], marker="o", color=colours(i % 10), label=row["cell"])
+        if len(per_seed) > 1:
+            axes.fill_between(steps, np.nanmin(per_seed, 0), np.nanmax(per_seed, 0), color=colours(i % 10), alpha=0.2)
+    anchors = [r for r in rows if r["dataset"] == dataset and free_anchor(r["cell"]) and not r["curve"]]
+    for row, style in zip(anchors, ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)))):
+        axes.axhline(row["r2"]["overall"][0], color="grey", ls=style, lw=1, label=f"{row['cell']} (free)")
+    steps = sorted({n for r in rows if r["dataset"] == dataset for n in r["curve"]})
+    axes.set_xscale("log")
+    axes.set_xticks(steps, [f"{n:,}" for n in steps])
+    axes.minorticks_off()
+    axes.set(xlabel="updates (log scale)", ylabel="held-out R², overall (mean over seeds)",
+             title=f"{dataset}: the probe over training (band: the seeds' range)")
+    axes.axhline(0, color="grey", lw=0.8)
+    axes.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write_rows(path: Path, rows: list[dict]) -> None:
     flat = []
     for row in rows:
@@ -274,6 +320,8 @@ def make_probe_report(client: MlflowClient, experiment_id: str, experiment: str,
     rows = summarise(runs, reps)
     for dataset in sorted({r.dataset for r in runs}):
         plot(rows, runs, dataset, out / f"probe_{dataset}.png")
+        if any(row["curve"] for row in rows if row["dataset"] == dataset):
+            plot_curves(rows, runs, dataset, out / f"probe_curve_{dataset}.png")
     write_rows(out / "probe.csv", rows)
     report = ProbeReport(experiment, command, runs, rows, reps)
     (out / "report.md").write_text(report.markdown())
