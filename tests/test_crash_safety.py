@@ -140,7 +140,7 @@ def test_soak_sigkill_at_random_moments_and_during_writes(tmp_path):
 
 @pytest.mark.slow
 def test_soak_long(tmp_path):
-    soak(tmp_path, kills=20, total_steps=800, seed=1)
+    soak(tmp_path, kills=12, total_steps=480, seed=1)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["SIGTERM", "SIGINT", "SIGUSR1"])

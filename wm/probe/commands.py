@@ -24,6 +24,7 @@ from wm.run.identity import RECORD_KEY, run_name
 from wm.sweep import OBJECTIVE_CONFIGS, run_locally
 
 ANCHORS = ("true", "noise", "untrained", "actions")
+GAIN_KEY = "probe_gain/over_actions"  # a probed run's overall R² minus its dataset's actions anchor
 PROBED_TAG = "wm.probe.dataset"  # on a run whose checkpoint was probed: the dataset it was probed on
 ANCHOR_TAG = "wm.probe.anchor"
 
@@ -193,6 +194,11 @@ def eval_main(argv: list[str]) -> None:
     plot_probe(result, files[1], f"{name} on {dataset.name}")
     print(f"{name} on {dataset.name} ({time.perf_counter() - started:.0f} s): overall R² {result.overall():.3f}; "
           + ", ".join(f"{g} {result.r2['both', g]:.3f}" for g in dataset.groups))
+    gain = None
+    if args.ckpt is not None:  # what the model adds to what the actions alone tell (the dataset's card, or measured here)
+        card = dataset.info.get("action_anchor") or {"overall_r2": evaluate.action_anchor(dataset).overall()}
+        gain = result.overall() - card["overall_r2"]
+        print(f"  gain over the actions anchor ({card['overall_r2']:.3f}): {gain:+.3f}")
     if result.not_counted:
         print("  not in overall: " + ", ".join(f"{g} (a linear map of {o})" for g, o in result.not_counted.items()))
     if result.action_lags is not None:
@@ -214,6 +220,8 @@ def eval_main(argv: list[str]) -> None:
     else:
         uri, run_id = anchor_run(args, dataset)
     log_result(uri, run_id, result, files, dataset)
+    if gain is not None:
+        MlflowClient(uri).log_metric(run_id, GAIN_KEY, gain)
     if curve:
         now = int(time.time() * 1000)
         MlflowClient(uri).log_batch(run_id, metrics=[Metric("probe/curve/overall/r2" + ("" if feature == "both" else f"_{feature}"),

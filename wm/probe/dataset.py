@@ -170,18 +170,27 @@ def collect(collection: Collection, out: Path, workers: int = 1) -> "ProbeDatase
         again = iter(played)
         episodes = [next(again) if h else episode for episode, h in zip(episodes, held)]
     splits = {name: [e for e, h in zip(episodes, held) if h == (name == "heldout")] for name in SPLITS}
-    first = episodes[0]
-    observations = {k: list(v.shape[1:]) for k, v in first.items()
-                    if k not in ("action", "reward", "is_first", "is_last", "is_terminal") and not k.startswith(STATE_PREFIX)}
-    groups = {k.removeprefix(STATE_PREFIX): int(v.shape[1]) for k, v in first.items() if k.startswith(STATE_PREFIX)}
     info = {
         "task": collection.task, "action_repeat": collection.action_repeat, "time_limit": collection.time_limit,
         "seed": collection.seed, "frames": collection.frames, "policy": collection.policy or "random",
         "epsilon": collection.epsilon, "heldout_every": collection.heldout_every, "video_dir": collection.video_dir,
-        "heldout_backgrounds": "eval clips (never in training)" if backgrounds else None,
-        "observation_shapes": observations, "groups": groups, "action_dim": int(first["action"].shape[1]),
-        "discrete": discrete, "splits": {}, "seconds": 0.0, "command": " ".join(sys.argv),
+        "heldout_backgrounds": "eval clips (never in training)" if backgrounds else None, "discrete": discrete,
+        "command": " ".join(sys.argv),
     }
+    return write_dataset(out, splits, info, started)
+
+
+def write_dataset(out: Path, splits: dict[str, list[dict[str, np.ndarray]]], info: dict,
+                  started: float | None = None) -> "ProbeDataset":
+    """Store the episodes of each split (as `play_episodes` makes them) in `out` with their card:
+    `info` (what was collected, and how) completed with the shapes, the splits, the seconds since
+    `started` and the action anchor; dataset.json written last."""
+    first = splits["train"][0]
+    observations = {k: list(v.shape[1:]) for k, v in first.items()
+                    if k not in ("action", "reward", "is_first", "is_last", "is_terminal") and not k.startswith(STATE_PREFIX)}
+    groups = {k.removeprefix(STATE_PREFIX): int(v.shape[1]) for k, v in first.items() if k.startswith(STATE_PREFIX)}
+    info = {**info, "observation_shapes": observations, "groups": groups, "action_dim": int(first["action"].shape[1]),
+            "splits": {}}
     for name, split in splits.items():
         buffer = ReplayBuffer(sum(len(e["reward"]) for e in split), 1,
                               {**{k: tuple(v) for k, v in observations.items()},
@@ -191,8 +200,8 @@ def collect(collection: Collection, out: Path, workers: int = 1) -> "ProbeDatase
                 buffer.add({k: v[t][None] for k, v in episode.items()})
         manifest = ReplayStore(out / name).save(buffer, new_save_id())
         info["splits"][name] = {"manifest": manifest, "episodes": len(split), "steps": buffer.rows_added,
-                                "frames": sum((len(e["reward"]) - 1) for e in split) * collection.action_repeat}
-    info["seconds"] = round(time.perf_counter() - started, 1)
+                                "frames": sum((len(e["reward"]) - 1) for e in split) * info.get("action_repeat", 1)}
+    info["seconds"] = round(time.perf_counter() - started, 1) if started is not None else 0.0
     info["action_anchor"] = action_anchor_card(ProbeDataset(out, info))
     text = json.dumps(info, indent=1).encode()
     atomic_write(out / INFO, lambda f: f.write(text))
