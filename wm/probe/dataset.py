@@ -17,6 +17,7 @@ training never shows (a video folder's `eval/` clips, or the procedural source's
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import shutil
@@ -229,6 +230,14 @@ class ProbeDataset:
                                     "`python -m wm.probe collect`")
         self.info = info if info is not None else json.loads((self.folder / INFO).read_text())
         self._buffers: dict[str, ReplayBuffer] = {}
+
+    @functools.cached_property
+    def not_counted(self) -> dict[str, str]:
+        """The groups an overall mean leaves out, each with the group it repeats
+        (`wm.probe.evaluate.duplicate_groups` of the train split): computed once per dataset."""
+        from wm.probe.evaluate import duplicate_groups
+
+        return duplicate_groups(self.states("train"))
 
     @property
     def name(self) -> str:

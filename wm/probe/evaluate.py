@@ -152,7 +152,7 @@ def fit_probes(train: Mapping[str, torch.Tensor], held_out: Mapping[str, torch.T
         for group, probe in fit_ridges(train[name], train_states, is_first).items():
             probes[name, group] = probe
             r2[name, group] = probe.score(held_out[name], held_states[group])
-    return ProbeResult(r2, probes, duplicate_groups(train_states))
+    return ProbeResult(r2, probes, dataset.not_counted)
 
 
 def rollout_starts(is_first: torch.Tensor, observe_steps: int, count: int, seed: int) -> torch.Tensor:
@@ -238,7 +238,7 @@ def action_anchor(dataset: ProbeDataset, candidates: tuple[int, ...] = ACTION_LA
     """What the recorded actions alone tell: probes from `action_history`, its K the candidate with
     the best cross-validated R² (mean over the distinct groups) on the train split."""
     train_steps, held_steps = dataset.steps("train"), dataset.steps("heldout")
-    counted = [g for g in dataset.groups if g not in duplicate_groups(dataset.states("train"))]
+    counted = [g for g in dataset.groups if g not in dataset.not_counted]
 
     def cross_validated(lags: int) -> float:
         probes = fit_ridges(action_history(train_steps, lags), dataset.states("train"), train_steps["is_first"])
