@@ -184,6 +184,31 @@ def test_the_datasets_card_says_what_the_actions_alone_tell(catch):
     assert catch.info["policy"] == "random" and catch.info["epsilon"] == 0.0
 
 
+@pytest.mark.slow  # two short trainings, one of them compiled (about a minute on 2 cores)
+def test_a_compiled_offline_training_computes_what_the_eager_one_does(catch, tmp_path):
+    """`--model.compile true` compiles the world model's regions (as a fit's update) and trains the
+    same: with eager's random draws (`fallback_random`) the logged losses of the first updates match."""
+    from wm.run.tracking import sqlite_uri
+
+    losses = {}
+    for compiled in (False, True):
+        root = tmp_path / str(compiled)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        with torch._inductor.config.patch(fallback_random=True):
+            train_main([*TRAIN, "--data.dataset", str(catch.folder), "--run.root", str(root), "--trainer.max_steps", "4",
+                        "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1", "--model.compile", str(compiled).lower()])
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compiled, graphs  # the filtering step, the encoder and the objective: compiled or not
+        client = MlflowClient(sqlite_uri(root / "mlflow.db"))
+        (run,) = client.search_runs([client.get_experiment_by_name("probe").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.params["model.compile"] == str(compiled)
+        losses[compiled] = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"),
+                                                    key=lambda m: m.step)]
+    assert len(losses[False]) == 4
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
+
+
 def test_a_blind_model_trains_and_is_probed_on_one_constant_image(catch, tmp_path):
     """What goes into the encoder of a blind model, in its update and in its probe: grey only."""
     from wm.probe.offline import BLIND_VALUE, OfflineWorldModel, blinded
@@ -344,10 +369,13 @@ def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, c
     study_main(["--config", str(config)])
     client = MlflowClient(sqlite_uri(tmp_path / "runs" / "mlflow.db"))
     (first,) = [r for r in runs_of(client, "study") if r.info.run_name == "catch-barlow-s0"]
-    config.write_text(yaml.safe_dump({**study, "seeds": [0, 1]}))
+    config.write_text(yaml.safe_dump({**study, "seeds": [0, 1], "parallel": 2}))  # two trainings, then two probes, at once
     study_main(["--config", str(config)])
     printed = capsys.readouterr().out
     assert "study study: 4 runs (2 already finished), 2 probed" in printed
+    logs = tmp_path / "runs" / "logs"
+    assert "overall R²" in (logs / "catch-barlow-s1.probe.log").read_text()
+    assert "overall R²" in (logs / "catch-anchor_noise-s1.probe.log").read_text()
     assert f"--out {tmp_path / 'runs' / 'report'}" in printed, "the report goes under the study's root, not the checkout"
     runs = {r.info.run_name: r for r in runs_of(client, "study")}
     assert runs["catch-barlow-s0"].info.end_time == first.info.end_time

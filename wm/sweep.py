@@ -172,35 +172,38 @@ def command_run_name(command: list[str]) -> str:
     return command[command.index("--run.name") + 1]
 
 
-def run_locally(commands: list[list[str]], parallel: int = 1, log_dir: Path | None = None) -> int:
+def run_locally(commands: list[list[str]], parallel: int = 1, log_dir: Path | None = None,
+                names: list[str] | None = None) -> int:
     """Run `parallel` at a time; a failed run is reported and the sweep goes on.
 
     With parallel > 1 each run gets cores / parallel torch threads (OMP_NUM_THREADS): CPU thread
     pools that compete for the same cores slow down far more than they share. With `log_dir` each
-    run's output goes to `<log_dir>/<run>.log` instead of the terminal.
+    run's output goes to `<log_dir>/<name>.log` instead of the terminal, `names` giving each
+    command's (default: the run's name, `--run.name`).
     """
+    names = names or [command_run_name(command) for command in commands]
     env = dict(os.environ)
     if parallel > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
-    pending, running, failed = list(enumerate(commands, 1)), [], []
+    pending, running, failed = list(enumerate(zip(commands, names), 1)), [], []
     while pending or running:
         while pending and len(running) < parallel:
-            i, command = pending.pop(0)
+            i, (command, name) = pending.pop(0)
             print(f"[{i}/{len(commands)}] {shlex.join(command[1:])}", flush=True)
             log = None
             if log_dir is not None:
-                log = (log_dir / f"{command_run_name(command)}.log").open("a")
+                log = (log_dir / f"{name}.log").open("a")
                 print(f"    output: {log.name}", flush=True)
-            running.append((command, log, subprocess.Popen(command, env=env, stdout=log, stderr=log)))
+            running.append((command, name, log, subprocess.Popen(command, env=env, stdout=log, stderr=log)))
         time.sleep(0.5)
-        for entry in [r for r in running if r[2].poll() is not None]:
-            command, log, process = entry
+        for entry in [r for r in running if r[3].poll() is not None]:
+            command, name, log, process = entry
             running.remove(entry)
             if log is not None:
                 log.close()
             if process.returncode:
                 failed.append(command)
-            print(f"{'FAILED' if process.returncode else 'finished'}: {command_run_name(command)}", flush=True)
+            print(f"{'FAILED' if process.returncode else 'finished'}: {name}", flush=True)
     for command in failed:
         print(f"FAILED: {shlex.join(command[1:])}", file=sys.stderr)
     print(f"{len(commands) - len(failed)} of {len(commands)} runs finished")

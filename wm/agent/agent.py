@@ -34,7 +34,7 @@ from wm.objectives import DEFAULT_OBJECTIVE, Objective, make_objective
 from wm.model.optim import OptimizerConfig, guarded_step
 from wm.model.phases import phase
 from wm.model.rssm import State
-from wm.model.sizes import model_size
+from wm.model.sizes import model_size, parameter_table, trainable_counts
 from wm.agent.update_stats import UpdateStats
 from wm.agent.world_model import WorldModel, WorldModelConfig
 
@@ -50,6 +50,12 @@ def set_compile_cache() -> None:
 
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):  # inductor writes its default in
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(COMPILE_CACHE)
+
+
+def compile_options(device: torch.device) -> dict:
+    """torch.compile's options for the update's graphs: fullgraph (a graph break is an error),
+    static shapes, CUDA graphs ("reduce-overhead") on a GPU and inductor's C++ kernels on a CPU."""
+    return {"fullgraph": True, "dynamic": False, "mode": "reduce-overhead" if device.type == "cuda" else None}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -225,24 +231,19 @@ class Agent(L.LightningModule):
             return self.losses
         if self._compiled_losses is None:
             set_compile_cache()
-            options = {"fullgraph": True, "dynamic": False, "mode": "reduce-overhead" if self.device.type == "cuda" else None}
+            options = compile_options(self.device)
             if self.hparams.compile_scope == "update":
                 self._compiled_losses = torch.compile(self.losses, **options)
             else:
-                wm = self.world_model
-                wm.rssm.compiled_step = torch.compile(wm.rssm.observe_step, **options)
+                self.world_model.compile_regions(options)
                 self._compiled_imagine_step = torch.compile(self.imagine_step, **options)
-                objective = [wm.objective] if any(True for _ in wm.objective.parameters()) else []  # `none`: nothing to compile
-                for module in (wm.encoder, *objective):
-                    module.compile(**options)
                 self._compiled_losses = self.losses
         return self._compiled_losses
 
     def drop_compiled(self) -> None:
         """Forget every compiled graph and region, so what runs next is eager."""
-        self._compiled_losses = self._compiled_imagine_step = self.world_model.rssm.compiled_step = None
-        for module in self.modules():
-            module._compiled_call_impl = None  # what `nn.Module.compile` set
+        self._compiled_losses = self._compiled_imagine_step = None
+        self.world_model.drop_compiled()
 
     def forward_backward(self, batch: Mapping[str, torch.Tensor], buffers: list[torch.Tensor]):
         """The losses, their backward and the guarded optimiser step (see `training_step`)."""
@@ -408,17 +409,8 @@ class Agent(L.LightningModule):
     # --------------------------------------------------------------------------- inspection
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters per module (the slow critic and EMA teachers are not trained)."""
-        wm, ac = self.world_model, self.actor_critic
-        modules = {"encoder": wm.encoder, "rssm": wm.rssm, "reward": wm.reward, "continue": wm.cont}
-        modules.update(dict(wm.objective.named_children()))
-        modules.update(wm.objective.named_parameters(recurse=False))  # a parameter of its own (DreamerPro's prototypes)
-        modules.update({"actor": ac.actor, "critic": ac.critic})
-        counts = {name: sum(p.numel() for p in ([m] if isinstance(m, nn.Parameter) else m.parameters()) if p.requires_grad)
-                  for name, m in modules.items()}
-        return {name: n for name, n in counts.items() if n}
+        ac = self.actor_critic
+        return {**self.world_model.parameter_counts(), **trainable_counts({"actor": ac.actor, "critic": ac.critic})}
 
     def parameter_table(self) -> str:
-        counts = self.parameter_counts()
-        rows = [f"{name:<12}{n / 1e6:>9.3f}M" for name, n in counts.items()]
-        rows.append(f"{'total':<12}{sum(counts.values()) / 1e6:>9.3f}M")
-        return "\n".join(rows)
+        return parameter_table(self.parameter_counts())

@@ -14,7 +14,7 @@ from wm.model.nets import Head
 from wm.objectives import ModelDims, Objective, ObjectiveInputs, ObservedViews
 from wm.model.phases import phase
 from wm.model.rssm import RSSM, State
-from wm.model.sizes import ModelSize
+from wm.model.sizes import ModelSize, trainable_counts
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,28 @@ class WorldModel(L.LightningModule):
                          self.encoder)
         self.kl_dyn = objective.kl_dyn if objective.kl_dyn is not None else config.kl_dyn
         self.kl_rep = objective.kl_rep if objective.kl_rep is not None else config.kl_rep
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per module: the core's and each of the objective's own (its heads,
+        a parameter of its own such as DreamerPro's prototypes; EMA teachers are not trained)."""
+        modules = {"encoder": self.encoder, "rssm": self.rssm, "reward": self.reward, "continue": self.cont}
+        modules.update(dict(self.objective.named_children()))
+        modules.update(self.objective.named_parameters(recurse=False))
+        return trainable_counts(modules)
+
+    def compile_regions(self, options: Mapping) -> None:
+        """Compile the blocks an update repeats or calls whole: the filtering step, the encoder
+        and the objective's forward (the agent adds its imagined step; the loops stay eager)."""
+        self.rssm.compiled_step = torch.compile(self.rssm.observe_step, **options)
+        objective = [self.objective] if any(True for _ in self.objective.parameters()) else []  # `none`: nothing to compile
+        for module in (self.encoder, *objective):
+            module.compile(**options)
+
+    def drop_compiled(self) -> None:
+        """Forget every compiled region, so what runs next is eager."""
+        self.rssm.compiled_step = None
+        for module in self.modules():
+            module._compiled_call_impl = None  # what `nn.Module.compile` set
 
     def continue_target(self, is_terminal: torch.Tensor) -> torch.Tensor:
         return (1.0 - 1.0 / self.config.discount_horizon) * (1.0 - is_terminal.float())

@@ -21,6 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from datamodules import ReplayBuffer, ReplayStore
 from wm.agent.agent import Agent
+from wm.model.sizes import parameter_table
+from wm.probe.offline import OfflineWorldModel
 from wm.run.machine import freed_memory_label, retain_freed_memory
 from wm.run.files import atomic_write
 from wm.objectives import OBJECTIVES, make_objective
@@ -73,19 +75,29 @@ class UpdateTimer(L.Callback):
         self.phases.append(dict(self.current))
 
 
-def build_agent(args: argparse.Namespace) -> tuple[Agent, dict[str, tuple[int, ...]]]:
+def build_agent(args: argparse.Namespace) -> tuple[Agent | OfflineWorldModel, dict[str, tuple[int, ...]]]:
+    """The agent `args` describes, or with --world-model-only the offline world model of
+    `wm.probe train` (its update: the world model's loss alone, no imagination or actor-critic)."""
     shapes = {"image": (args.image_size, args.image_size, 3)}
-    agent = Agent(shapes, args.action_dim, discrete=args.discrete, objective=make_objective(args.objective), size=args.size,
-                  compile=getattr(args, "compile", False), compile_scope=getattr(args, "compile_scope", "regions"))
-    return agent, shapes
+    common = dict(discrete=args.discrete, objective=make_objective(args.objective), size=args.size,
+                  compile=getattr(args, "compile", False))
+    if getattr(args, "world_model_only", False):
+        return OfflineWorldModel(shapes, args.action_dim, **common), shapes
+    return Agent(shapes, args.action_dim, compile_scope=getattr(args, "compile_scope", "regions"), **common), shapes
 
 
-def update_gflop(agent: Agent, batch: dict[str, torch.Tensor]) -> float:
+def update_loss(model: Agent | OfflineWorldModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss one update of `model` minimises, computed eagerly."""
+    if isinstance(model, OfflineWorldModel):
+        return model.world_model.loss(batch).loss
+    return model.losses(batch)[0]
+
+
+def update_gflop(agent: Agent | OfflineWorldModel, batch: dict[str, torch.Tensor]) -> float:
     """Matmul and conv GFLOP of one update, forward and backward (counted eagerly on a copy)."""
     clone = copy.deepcopy(agent)
     with FlopCounterMode(display=False) as counter:
-        total, _, _ = clone.losses(batch)
-        total.backward()
+        update_loss(clone, batch).backward()
     return counter.get_total_flops() / 1e9
 
 
@@ -143,7 +155,7 @@ def measure_update(args: argparse.Namespace) -> dict:
         "requested_precision": requested, "precision": precision, "device": args.device,
         "threads": torch.get_num_threads(), "compile": args.compile,
         "compile_scope": args.compile_scope if args.compile else None, "freed_memory": freed_memory_label(retained),
-        "parameters": agent.parameter_table(), "seconds": measured, "median": median, "warmup": args.warmup,
+        "world_model_only": getattr(args, "world_model_only", False), "parameters": parameter_table(agent.parameter_counts()), "seconds": measured, "median": median, "warmup": args.warmup,
         "usage": describe_usage(timer.usage[args.warmup : profiled]), "gflop": gflop,
         "host_syncs": sum(profiler.counts.syncs.values()), "sync_ops": dict(profiler.counts.syncs),
         "aten_ops": profiler.counts.aten_ops, "leaf_ops": profiler.counts.leaf_ops,
@@ -176,7 +188,7 @@ def describe_update(result: dict) -> str:
     """The measurement as the lines `python -m wm.bench update` prints."""
     measured, median = result["seconds"], result["median"]
     mode = f"compiled ({result['compile_scope']})" if result["compile"] else "eager"
-    lines = [f"objective {result['objective']}  size {result['size']}  B={result['batch']} T={result['length']}  "
+    lines = [("world-model update (wm.probe train)  " if result.get("world_model_only") else "") + f"objective {result['objective']}  size {result['size']}  B={result['batch']} T={result['length']}  "
              f"precision {result['precision']}  device {result['device']}  threads {result['threads']}  {mode}  "
              f"freed memory {result['freed_memory']}",
              result["parameters"],
@@ -218,7 +230,7 @@ def bench_update(args: argparse.Namespace) -> None:
 
 def print_params(args: argparse.Namespace) -> None:
     agent, _ = build_agent(args)
-    print(agent.parameter_table())
+    print(parameter_table(agent.parameter_counts()))
 
 
 def bench_replay(args: argparse.Namespace) -> None:
@@ -255,6 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cold", action="store_true", help="update --compile: start from an empty compile cache")
     parser.add_argument("--compile-scope", default="regions", choices=["regions", "update"],
                         help="update --compile: the repeated blocks, or the whole update as one graph")
+    parser.add_argument("--world-model-only", action="store_true",
+                        help="update: the offline world model's update (`wm.probe train`), not the agent's")
     parser.add_argument("--updates", type=int, default=5, help="timed updates")
     parser.add_argument("--warmup", type=int, default=2, help="untimed updates first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the fit's rule, --run.threads)")
@@ -262,7 +276,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-rows", type=int, default=12_500, help="replay: rows added before the next save")
     parser.add_argument("--dir", default=None, help="replay: where to write (default: the system's temporary folder)")
     parser.add_argument("--json", default=None, help="update: also write the figures to this JSON file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.world_model_only and args.compile and args.compile_scope == "update":
+        parser.error("--compile-scope update: the offline world model compiles its regions only; "
+                     "drop --compile-scope or --world-model-only")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,12 @@
-"""Model size presets of docs/algorithm.md §1 (stoch = 32 categorical latents, GRU split into 8 blocks)."""
+"""Model size presets of docs/algorithm.md §1 (stoch = 32 categorical latents, GRU split into 8 blocks),
+and the parameter counts a model reports."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -37,3 +41,17 @@ def model_size(name: str) -> ModelSize:
         return SIZES[name]
     except KeyError:
         raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(SIZES)}") from None
+
+
+def trainable_counts(modules: Mapping[str, nn.Module | nn.Parameter]) -> dict[str, int]:
+    """Trainable parameters of each named module or parameter; those with none are left out."""
+    counts = {name: sum(p.numel() for p in ([m] if isinstance(m, nn.Parameter) else m.parameters()) if p.requires_grad)
+              for name, m in modules.items()}
+    return {name: n for name, n in counts.items() if n}
+
+
+def parameter_table(counts: Mapping[str, int]) -> str:
+    """One line per module (millions of parameters) and the total."""
+    rows = [f"{name:<12}{n / 1e6:>9.3f}M" for name, n in counts.items()]
+    rows.append(f"{'total':<12}{sum(counts.values()) / 1e6:>9.3f}M")
+    return "\n".join(rows)

@@ -303,26 +303,32 @@ def study_main(argv: list[str]) -> None:
     to_train = [command for name, (_, command) in runs.items() if name not in finished]
     failed = run_locally(to_train, args.parallel or study.get("parallel", 1), root / "logs")
     done = {run.info.run_name: run.data.tags for run in runs_of(client, experiment)}
-    evaluated = {}
+    # The probes of the trained runs, then the anchors not yet probed: `wm.probe eval` processes,
+    # as many at a time as training runs (logs in <root>/logs/<run>.probe.log).
+    evals = {}  # log name -> the eval's arguments
     for name, (folder, _) in runs.items():
         checkpoint = root / name / "checkpoints" / "last.ckpt"
         if checkpoint.exists() and done.get(name, {}).get(PROBED_TAG) != str(folder.resolve()):
             curve = ["--curve", *map(str, study["curve"])] if "curve" in study else []
-            evaluated[name] = run_eval(["--ckpt", str(checkpoint), "--data", str(folder), *study.get("eval", []), *curve])
+            evals[f"{name}.probe"] = ["--ckpt", str(checkpoint), "--data", str(folder), *study.get("eval", []), *curve]
+    probed = len(evals)
     for folder in datasets:
         common = ["--data", str(folder), "--experiment", experiment, "--root", str(root), *study.get("eval", [])]
         anchors = [["--anchor", "true"], ["--anchor", "actions"], *(["--anchor", "noise", "--seed", str(seed)] for seed in seeds),
                    *(["--anchor", "untrained", "--objective", objective, "--seed", str(seeds[0])]  # one seed: the floor
                      for objective in distinct_cores(objectives))]
         for anchor in anchors:
-            if anchor_name(eval_parser().parse_args([*common, *anchor]), ProbeDataset(folder)) not in done:
-                run_eval([*common, *anchor])
+            name = anchor_name(eval_parser().parse_args([*common, *anchor]), ProbeDataset(folder))
+            if name not in done:
+                evals[f"{name}.probe"] = [*common, *anchor]
+    failed_evals = run_locally([[sys.executable, "-m", "wm.probe", "eval", *argv] for argv in evals.values()],
+                               args.parallel or study.get("parallel", 1), root / "logs", names=list(evals))
     summary = {"experiment": experiment, "store": uri, "datasets": [str(d) for d in datasets],
-               "seconds": round(time.perf_counter() - started), "failed": failed}
+               "seconds": round(time.perf_counter() - started), "failed": failed, "failed_probes": failed_evals}
     text = json.dumps(summary, indent=1).encode()
     atomic_write(root / "study.json", lambda f: f.write(text))
     print(f"study {experiment}: {len(runs)} runs ({len(runs) - len(to_train)} already finished), "
-          f"{len(evaluated)} probed, in {summary['seconds'] / 60:.0f} min; "
+          f"{probed} probed, in {summary['seconds'] / 60:.0f} min; "
           f"report it with: python -m wm.report --experiment {experiment} --tracking-uri {uri} --out {root / 'report'}")
 
 
@@ -330,15 +336,4 @@ def runs_of(client: MlflowClient, experiment: str) -> list:
     """Every MLflow run of `experiment` (none before it exists)."""
     found = client.get_experiment_by_name(experiment)
     return client.search_runs([found.experiment_id], max_results=50_000) if found else []
-
-
-def run_eval(argv: list[str]) -> bool:
-    """`python -m wm.probe eval` in this process; a failure is reported and the study goes on."""
-    print(f"eval {shlex.join(argv)}", flush=True)
-    try:
-        eval_main(argv)
-        return True
-    except Exception as error:  # noqa: BLE001 - one failed probe must not lose the study's others
-        print(f"FAILED: eval {shlex.join(argv)}: {type(error).__name__}: {error}", file=sys.stderr)
-        return False
 

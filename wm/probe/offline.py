@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch.utils.data import DataLoader, IterableDataset
 
-from wm.agent.agent import rebuild, save_plain_hyperparameters
+from wm.agent.agent import compile_options, rebuild, save_plain_hyperparameters, set_compile_cache
 from wm.model.distributions import POLICY_UNIMIX
 from wm.run.durations import format_duration
 from wm.objectives import DEFAULT_OBJECTIVE, Objective, make_objective, objective_name
@@ -47,6 +47,8 @@ class OfflineWorldModel(L.LightningModule):
     Args: as `wm.agent.Agent`'s world-model arguments; `size` defaults to size1M, the CPU studies'.
     `blind`: every image replaced by a constant, in training and when probed, so the RSSM learns from
     the actions and rewards alone: the anchor of what a world model holds without seeing.
+    `compile`: compile the update's regions as a fit does (`WorldModel.compile_regions`); a probe
+    of the checkpoint runs eagerly.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class OfflineWorldModel(L.LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         policy_unimix: float = POLICY_UNIMIX,
         blind: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -73,6 +76,14 @@ class OfflineWorldModel(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> OfflineWorldModel:
         return rebuild(cls, torch.load(path, map_location="cpu", weights_only=True))
+
+    def parameter_counts(self) -> dict[str, int]:
+        return self.world_model.parameter_counts()
+
+    def on_fit_start(self) -> None:
+        if self.hparams.compile:
+            set_compile_cache()
+            self.world_model.compile_regions(compile_options(self.device))
 
     def configure_optimizers(self):
         return self.optimizer_config.build([p for p in self.parameters() if p.requires_grad])
