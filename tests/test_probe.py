@@ -209,6 +209,34 @@ def test_a_compiled_offline_training_computes_what_the_eager_one_does(catch, tmp
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
 
 
+def test_a_collection_mixes_a_checkpoints_policy_with_random_actions_as_its_card_says(tmp_path):
+    """`collect --policy CKPT --epsilon e`: the policy acts, a share e of steps act at random. The
+    policy here is built to choose one action (its output layer's bias), so the share of that
+    action measures the mix: about 1 - 2e/3 on Catch's 3 actions (up to the actor's 1% unimix)."""
+    from wm.agent.agent import Agent
+    from wm.objectives import make_objective
+
+    env = make_env("toy-catch", 1)
+    shapes = {k: space.shape for k, space in env.observation_space.spaces.items()}
+    env.close()
+    agent = Agent(shapes, 3, discrete=True, objective=make_objective("barlow"), size="size1M")
+    with torch.no_grad():
+        agent.actor_critic.actor.out.weight.zero_()
+        agent.actor_critic.actor.out.bias.copy_(torch.tensor([0.0, 20.0, 0.0]))  # action 1, nearly always
+    checkpoint = tmp_path / "policy.ckpt"
+    torch.save({"hyper_parameters": dict(agent.hparams), "state_dict": agent.state_dict()}, checkpoint)
+    shares = {}
+    for epsilon in (0.0, 0.6):
+        data = collect(Collection("toy-catch", 1500, action_repeat=1, policy=str(checkpoint), epsilon=epsilon),
+                       tmp_path / f"eps{epsilon}")
+        assert data.info["policy"] == str(checkpoint) and data.info["epsilon"] == epsilon
+        actions = np.concatenate([data.steps(split)["action"][~data.steps(split)["is_first"]].numpy()
+                                  for split in ("train", "heldout")])
+        shares[epsilon] = float((actions.argmax(-1) == 1).mean())
+    assert shares[0.0] > 0.98, shares
+    assert abs(shares[0.6] - (1 - 0.6 * 2 / 3)) < 0.06, shares  # 0.6, within the binomial spread of ~1,500 steps
+
+
 def test_a_blind_model_trains_and_is_probed_on_one_constant_image(catch, tmp_path):
     """What goes into the encoder of a blind model, in its update and in its probe: grey only."""
     from wm.probe.offline import BLIND_VALUE, OfflineWorldModel, blinded
