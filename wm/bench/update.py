@@ -21,7 +21,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from datamodules import ReplayBuffer, ReplayStore
 from wm.agent.agent import Agent
-from wm.model.sizes import parameter_table
 from wm.probe.offline import OfflineWorldModel
 from wm.run.machine import freed_memory_label, retain_freed_memory
 from wm.run.files import atomic_write
@@ -155,7 +154,8 @@ def measure_update(args: argparse.Namespace) -> dict:
         "requested_precision": requested, "precision": precision, "device": args.device,
         "threads": torch.get_num_threads(), "compile": args.compile,
         "compile_scope": args.compile_scope if args.compile else None, "freed_memory": freed_memory_label(retained),
-        "world_model_only": getattr(args, "world_model_only", False), "parameters": parameter_table(agent.parameter_counts()), "seconds": measured, "median": median, "warmup": args.warmup,
+        "world_model_only": getattr(args, "world_model_only", False),
+        "parameters": agent.parameter_table(), "seconds": measured, "median": median, "warmup": args.warmup,
         "usage": describe_usage(timer.usage[args.warmup : profiled]), "gflop": gflop,
         "host_syncs": sum(profiler.counts.syncs.values()), "sync_ops": dict(profiler.counts.syncs),
         "aten_ops": profiler.counts.aten_ops, "leaf_ops": profiler.counts.leaf_ops,
@@ -188,7 +188,8 @@ def describe_update(result: dict) -> str:
     """The measurement as the lines `python -m wm.bench update` prints."""
     measured, median = result["seconds"], result["median"]
     mode = f"compiled ({result['compile_scope']})" if result["compile"] else "eager"
-    lines = [("world-model update (wm.probe train)  " if result.get("world_model_only") else "") + f"objective {result['objective']}  size {result['size']}  B={result['batch']} T={result['length']}  "
+    scope = "world-model update (wm.probe train)  " if result.get("world_model_only") else ""
+    lines = [f"{scope}objective {result['objective']}  size {result['size']}  B={result['batch']} T={result['length']}  "
              f"precision {result['precision']}  device {result['device']}  threads {result['threads']}  {mode}  "
              f"freed memory {result['freed_memory']}",
              result["parameters"],
@@ -230,7 +231,7 @@ def bench_update(args: argparse.Namespace) -> None:
 
 def print_params(args: argparse.Namespace) -> None:
     agent, _ = build_agent(args)
-    print(parameter_table(agent.parameter_counts()))
+    print(agent.parameter_table())
 
 
 def bench_replay(args: argparse.Namespace) -> None:

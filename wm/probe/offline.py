@@ -37,7 +37,7 @@ from wm.model.optim import OptimizerConfig, guarded_step
 from wm.probe.dataset import STATE_PREFIX, ProbeDataset
 from wm.run.command import RunCLI, RunConfig
 from wm.run.identity import run_name
-from wm.model.sizes import model_size
+from wm.model.sizes import model_size, parameter_table
 from wm.agent.world_model import WorldModel, WorldModelConfig
 
 
@@ -77,8 +77,9 @@ class OfflineWorldModel(L.LightningModule):
     def from_checkpoint(cls, path: str | Path) -> OfflineWorldModel:
         return rebuild(cls, torch.load(path, map_location="cpu", weights_only=True))
 
-    def parameter_counts(self) -> dict[str, int]:
-        return self.world_model.parameter_counts()
+    def parameter_table(self) -> str:
+        """Per-module parameter counts, as `Agent.parameter_table` (no actor or critic here)."""
+        return parameter_table(self.world_model.parameter_counts())
 
     def on_fit_start(self) -> None:
         if self.hparams.compile:
