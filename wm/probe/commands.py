@@ -317,8 +317,9 @@ def study_main(argv: list[str]) -> None:
         anchors = [["--anchor", "true"], ["--anchor", "actions"], *(["--anchor", "noise", "--seed", str(seed)] for seed in seeds),
                    *(["--anchor", "untrained", "--objective", objective, "--seed", str(seeds[0])]  # one seed: the floor
                      for objective in distinct_cores(objectives))]
+        dataset = ProbeDataset(folder)
         for anchor in anchors:
-            name = anchor_name(eval_parser().parse_args([*common, *anchor]), ProbeDataset(folder))
+            name = anchor_name(eval_parser().parse_args([*common, *anchor]), dataset)
             if name not in done:
                 evals[f"{name}.probe"] = [*common, *anchor]
     failed_evals = run_locally([[sys.executable, "-m", "wm.probe", "eval", *argv] for argv in evals.values()],
