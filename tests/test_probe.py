@@ -268,16 +268,20 @@ def test_held_out_distracting_episodes_replay_on_backgrounds_the_training_never_
     assert not np.array_equal(on_train["image"], on_eval["image"])
 
 
-@pytest.mark.parametrize("task", ["dmc-cartpole_swingup", "dmc-cheetah_run", "dmc_subtle-ball_in_cup_catch"])
+@pytest.mark.parametrize("task", ["dmc-cartpole_swingup", "dmc-cheetah_run", "dmc_subtle-ball_in_cup_catch",
+                                  "dmc_subtle-reacher_hard", "dmc_distracting-cartpole_swingup",
+                                  "dmc_distracting-reacher_easy"])
 def test_the_studies_dmc_tasks_start_each_episode_from_another_state(task):
-    """A random initial state: the actions alone cannot give the state away from the first step."""
+    """A random initial state: the actions alone cannot give the state away from the first step; nor
+    the small object's place (reacher's target is drawn anew each episode and never moves)."""
     env = make_env(task, time_limit=5)
     starts = []
     for seed in range(3):
         env.reset(seed=seed)
         starts.append(env.unwrapped.true_state())
     env.close()
-    assert all(not np.allclose(starts[0]["qpos"], other["qpos"]) for other in starts[1:])
+    for group in {"qpos", "object"} & set(starts[0]):
+        assert all(not np.allclose(starts[0][group], other[group]) for other in starts[1:]), group
 
 
 def test_the_action_history_holds_each_episodes_last_actions_and_its_time_step():
@@ -377,6 +381,24 @@ def test_probe_help_exits_0_and_a_missing_command_exits_2():
     assert helped.returncode == 0 and "usage: python -m wm.probe" in helped.stdout
     missing = subprocess.run([sys.executable, "-m", "wm.probe"], capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "usage: python -m wm.probe" in missing.stderr
+
+
+def test_a_study_trains_its_blind_anchors_with_their_own_seeds(tmp_path, capsys):
+    """`blind_seeds` cuts the blind anchor's runs (one seed is the anchor's floor), not the objectives'."""
+    import yaml
+
+    from wm.probe.commands import study_main
+
+    study = {"experiment": "study", "root": str(tmp_path / "runs"), "data": str(tmp_path / "data"),
+             "datasets": [{"task": "dmc_subtle-reacher_hard", "frames": 2000, "time_limit": 100}],
+             "objectives": ["barlow", "reconstruction"], "seeds": [0, 1, 2], "blind": ["barlow"], "blind_seeds": [0]}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    study_main(["--config", str(config), "--dry-run"])
+    names = [line.split("--run.name ")[1].split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == [f"dmc_subtle-reacher_hard-{objective}-s{seed}" for objective in ("barlow", "reconstruction")
+                     for seed in (0, 1, 2)] + ["dmc_subtle-reacher_hard-anchor_blind_barlow-s0"]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists(), "a dry run creates nothing"
 
 
 @pytest.mark.slow  # a study's training runs are subprocesses

@@ -277,13 +277,14 @@ def study_main(argv: list[str]) -> None:
     uri = sqlite_uri(root / "mlflow.db")
     runs = {}  # run name -> (its dataset folder, its training command)
     # `blind`: objectives also trained blind (every image a constant), the anchor of what the actions
-    # and rewards alone teach the RSSM: cells `anchor_blind_<objective>`.
-    cells = [(objective, objective, []) for objective in objectives]
-    cells += [(objective, f"anchor_blind_{objective}", ["--model.blind", "true", "--run.variant", f"anchor_blind_{objective}"])
-              for objective in study.get("blind", [])]
+    # and rewards alone teach the RSSM: cells `anchor_blind_<objective>`, with `blind_seeds` (default: every seed).
+    blind_seeds = study.get("blind_seeds", seeds)
+    cells = [(objective, objective, [], seeds) for objective in objectives]
+    cells += [(objective, f"anchor_blind_{objective}", ["--model.blind", "true", "--run.variant", f"anchor_blind_{objective}"],
+               blind_seeds) for objective in study.get("blind", [])]
     for folder in datasets:
-        for objective, cell, extra in cells:
-            for seed in seeds:
+        for objective, cell, extra, cell_seeds in cells:
+            for seed in cell_seeds:
                 name = run_name(folder.name, cell, seed)
                 runs[name] = (folder, [sys.executable, "-m", "wm.probe", "train", *study.get("train", []),
                                        "--config", str(OBJECTIVE_CONFIGS / f"{objective}.yaml"), *extra, "--data.dataset",
