@@ -5,6 +5,7 @@ checkpoint into their MLflow runs, the anchors, and the report of a study."""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -423,6 +424,7 @@ def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, c
     study_main(["--config", str(config)])
     printed = capsys.readouterr().out
     assert "study study: 4 runs (2 already finished), 2 probed" in printed
+    assert re.search(r"^(\d+) of \1 probes finished$", printed, re.M), "the probes, counted as probes"
     logs = tmp_path / "runs" / "logs"
     assert "overall R²" in (logs / "catch-barlow-s1.probe.log").read_text()
     assert "overall R²" in (logs / "catch-anchor_noise-s1.probe.log").read_text()

@@ -173,13 +173,13 @@ def command_run_name(command: list[str]) -> str:
 
 
 def run_locally(commands: list[list[str]], parallel: int = 1, log_dir: Path | None = None,
-                names: list[str] | None = None) -> int:
+                names: list[str] | None = None, what: str = "runs") -> int:
     """Run `parallel` at a time; a failed run is reported and the sweep goes on.
 
     With parallel > 1 each run gets cores / parallel torch threads (OMP_NUM_THREADS): CPU thread
     pools that compete for the same cores slow down far more than they share. With `log_dir` each
     run's output goes to `<log_dir>/<name>.log` instead of the terminal, `names` giving each
-    command's (default: the run's name, `--run.name`).
+    command's (default: the run's name, `--run.name`); `what` the commands are, in the last line.
     """
     names = names or [command_run_name(command) for command in commands]
     env = dict(os.environ)
@@ -206,7 +206,7 @@ def run_locally(commands: list[list[str]], parallel: int = 1, log_dir: Path | No
             print(f"{'FAILED' if process.returncode else 'finished'}: {name}", flush=True)
     for command in failed:
         print(f"FAILED: {shlex.join(command[1:])}", file=sys.stderr)
-    print(f"{len(commands) - len(failed)} of {len(commands)} runs finished")
+    print(f"{len(commands) - len(failed)} of {len(commands)} {what} finished")
     return 1 if failed else 0
 
 

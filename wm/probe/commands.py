@@ -324,7 +324,7 @@ def study_main(argv: list[str]) -> None:
             if name not in done:
                 evals[f"{name}.probe"] = [*common, *anchor]
     failed_evals = run_locally([[sys.executable, "-m", "wm.probe", "eval", *argv] for argv in evals.values()],
-                               args.parallel or study.get("parallel", 1), root / "logs", names=list(evals))
+                               args.parallel or study.get("parallel", 1), root / "logs", names=list(evals), what="probes")
     summary = {"experiment": experiment, "store": uri, "datasets": [str(d) for d in datasets],
                "seconds": round(time.perf_counter() - started), "failed": failed, "failed_probes": failed_evals}
     text = json.dumps(summary, indent=1).encode()
