@@ -138,6 +138,9 @@ def test_probe_eval_logs_into_the_checkpoints_run_and_the_rollout_degrades_with_
     assert metrics["probe/paddle/r2"] > 0.5 and run.info.status == "FINISHED"
     curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "probe/curve/overall/r2")}
     assert sorted(curve) == [20, 40] and curve[40] == pytest.approx(metrics["probe/overall/r2"], abs=0.02)
+    for group in ("ball", "paddle"):  # each group over training too, from (h, z)
+        points = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"probe/curve/{group}/r2")}
+        assert sorted(points) == [20, 40] and points[40] == pytest.approx(metrics[f"probe/{group}/r2"], abs=0.02)
     ball = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "probe/rollout/ball/r2"), key=lambda m: m.step)]
     reward = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "probe/rollout/reward_mse"), key=lambda m: m.step)]
     assert len(ball) == 6 and ball[-1] < ball[0], ball  # imagined states lose what observed ones hold

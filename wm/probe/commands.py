@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -224,15 +225,14 @@ def eval_main(argv: list[str]) -> None:
         MlflowClient(uri).log_metric(run_id, GAIN_KEY, gain)
     if curve:
         now = int(time.time() * 1000)
-        MlflowClient(uri).log_batch(run_id, metrics=[Metric("probe/curve/overall/r2" + ("" if feature == "both" else f"_{feature}"),
-                                                            r2, now, updates)
-                                                     for updates, overall in curve.items() for feature, r2 in overall.items()])
+        MlflowClient(uri).log_batch(run_id, metrics=[Metric(f"probe/curve/{key}", r2, now, updates)
+                                                     for updates, point in curve.items() for key, r2 in point.items()])
     print(f"  logged to MLflow run {run_id} in {uri}")
 
 
 def probe_curve(args, dataset: ProbeDataset) -> dict[int, dict[str, float]]:
-    """Overall R² (per feature set) of the run's `updates=N.ckpt` checkpoints: learning speed and
-    plateau. N -> feature -> R²; printed as it goes."""
+    """R² of the run's `updates=N.ckpt` checkpoints: learning speed and plateau. N -> metric -> R²
+    (`overall/r2` and `overall/r2_<feature>` per feature set, `<group>/r2` from (h, z)); printed as it goes."""
     def updates(path: Path) -> int:
         return int(path.stem.partition("=")[2])
 
@@ -247,8 +247,11 @@ def probe_curve(args, dataset: ProbeDataset) -> dict[int, dict[str, float]]:
     for n in wanted:
         world_model, checkpoint = evaluate.load_world_model(found[n])
         result = evaluate.probe_world_model(world_model, dataset, args.observe, 0, args.seed, evaluate.blind_keys_of(checkpoint))
-        curve[n] = {feature: result.overall(feature) for feature in evaluate.FEATURES}
-        print(f"  curve: {n:,} updates: overall R² " + ", ".join(f"{f} {r2:.3f}" for f, r2 in curve[n].items()), flush=True)
+        curve[n] = {f"overall/r2{'' if feature == 'both' else f'_{feature}'}": result.overall(feature)
+                    for feature in evaluate.FEATURES}
+        curve[n] |= {f"{group}/r2": r2 for (feature, group), r2 in result.r2.items() if feature == "both" and math.isfinite(r2)}
+        print(f"  curve: {n:,} updates: overall R² " + ", ".join(f"{f} {result.overall(f):.3f}" for f in evaluate.FEATURES)
+              + "; (h, z) " + ", ".join(f"{g} {result.r2['both', g]:.3f}" for g in dataset.groups), flush=True)
     return curve
 
 
