@@ -457,3 +457,8 @@ def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, c
     for cell in ("anchor_actions", "anchor_blind_barlow", "anchor_true", "anchor_noise"):
         assert f"| {cell} |" in text
     assert "| objective | 20 updates | 40 updates |" in text and (tmp_path / "report" / "probe_curve_catch.png").is_file()
+    paddle = np.mean([max(client.get_metric_history(runs[f"catch-barlow-s{seed}"].info.run_id, "probe/curve/paddle/r2"),
+                          key=lambda m: m.step).value
+                      for seed in (0, 1)])  # one probe per run: its last point is 40 updates
+    (row,) = [line for line in text.splitlines() if line.startswith("| paddle | barlow |")]
+    assert row.split("|")[4].strip().startswith(f"{paddle:.2f}"), (row, paddle)

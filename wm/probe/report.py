@@ -52,6 +52,7 @@ class ProbedRun:
     minutes: float = float("nan")  # the run's wall time
     not_counted: dict[str, str] = field(default_factory=dict)  # groups left out of overall -> the group each repeats
     curve: dict[int, float] = field(default_factory=dict)  # updates -> overall R² of that checkpoint
+    group_curves: dict[str, dict[int, float]] = field(default_factory=dict)  # group -> updates -> R² from (h, z)
 
     @property
     def anchor(self) -> bool:
@@ -95,12 +96,15 @@ def load_probed_runs(client: MlflowClient, experiment_id: str, skip_tag: str) ->
         for key in metrics:
             if key.startswith("probe/rollout/") and key.endswith("/r2"):
                 rollout[key.removeprefix("probe/rollout/").removesuffix("/r2")] = latest_curve(client, run.info.run_id, key)
+        group_curves = {key.removeprefix("probe/curve/").removesuffix("/r2"): latest_points(client, run.info.run_id, key)
+                        for key in metrics if key.startswith("probe/curve/") and key.endswith("/r2") and key != CURVE_KEY}
         minutes = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 60000 if "anchor" not in params else np.nan
         found.append(ProbedRun(run.info.run_name, dataset, cell, int(params.get("seed_everything", 0)), r2, rollout,
                                latest_curve(client, run.info.run_id, "probe/rollout/reward_mse"),
                                metrics.get("heldout/loss", float("nan")), minutes,
                                json.loads(run.data.tags.get(NOT_COUNTED_TAG, "{}")),
-                               latest_points(client, run.info.run_id, CURVE_KEY) if CURVE_KEY in metrics else {}))
+                               latest_points(client, run.info.run_id, CURVE_KEY) if CURVE_KEY in metrics else {},
+                               group_curves))
     return sorted(found, key=lambda r: (r.dataset, r.anchor, r.cell, r.seed))
 
 
@@ -198,6 +202,15 @@ class ProbeReport:
                 lines += [f"| {row['cell']} | " + " | ".join(fmt(row['curve'].get(n, (np.nan,) * 3)) for n in steps) + " |"
                           for row in curves]
                 lines += ["", f"![probe over training of {dataset}]({folder}probe_curve_{dataset}.png)", ""]
+                counted = [g for g in groups if g not in not_counted]
+                by_group = [(row, g) for g in counted for row in curves if g in row["group_curves"]]
+                if by_group:
+                    lines += ["Each counted group over training, from (h, z) (a claim about one quantity reads its own row):", "",
+                              "| group | objective | " + " | ".join(f"{n:,} updates" for n in steps) + " |",
+                              "| --- | --- |" + " --- |" * len(steps)]
+                    lines += [f"| {g} | {row['cell']} | " + " | ".join(fmt(row['group_curves'][g].get(n, (np.nan,) * 3))
+                                                                        for n in steps) + " |" for row, g in by_group]
+                    lines += [""]
         return "\n".join(lines)
 
 
@@ -230,6 +243,10 @@ def summarise(runs: list[ProbedRun], reps: int) -> list[dict]:
                 "heldout_loss": interval([r.heldout_loss for r in seeds], reps),
                 "curve": {n: interval([r.curve[n] for r in seeds if n in r.curve], reps)
                           for n in sorted({n for r in seeds for n in r.curve})},
+                "group_curves": {group: {n: interval([r.group_curves[group][n] for r in seeds
+                                                      if n in r.group_curves.get(group, {})], reps)
+                                         for n in sorted({n for r in seeds for n in r.group_curves.get(group, {})})}
+                                 for group in groups if any(group in r.group_curves for r in seeds)},
                 "minutes": interval([r.minutes for r in seeds], reps),
             })
     return rows
