@@ -290,28 +290,42 @@ def plot(rows: list[dict], runs: list[ProbedRun], dataset: str, path: Path) -> N
 
 
 def plot_curves(rows: list[dict], runs: list[ProbedRun], dataset: str, path: Path) -> None:
-    """Overall R² against updates: one line per cell (mean over seeds), its seeds' band."""
-    fig = new_figure(7, 4.2)
-    axes = fig.subplots()
+    """R² against updates, overall and for each counted group (one panel each): one line per cell
+    (mean over seeds) with its seeds' band, and the free anchors as horizontal lines."""
+    here = [r for r in rows if r["dataset"] == dataset]
+    panels = ["overall", *(g for g in here[0]["groups"] if g not in here[0]["not_counted"]
+                           and any(g in r["group_curves"] for r in here))]  # runs probed before wm logged groups: overall only
+    steps = sorted({n for r in here for n in r["curve"]})
+    columns = min(3, len(panels))
+    legend = 2.8  # inches right of the panels
+    fig = new_figure(4.2 * columns + legend, 3.4 * -(-len(panels) // columns))
+    grid = fig.subplots(-(-len(panels) // columns), columns, squeeze=False, sharey=True)
     colours = colormaps["tab10"]
-    for i, row in enumerate(r for r in rows if r["dataset"] == dataset and r["curve"]):
-        steps = sorted(row["curve"])
-        per_seed = [[r.curve.get(n, np.nan) for n in steps] for r in runs if r.dataset == dataset and r.cell == row["cell"]]
-        axes.plot(steps, [row["curve"][n][0] for n in steps], marker="o", color=colours(i % 10), label=row["cell"])
-        if len(per_seed) > 1:
-            axes.fill_between(steps, np.nanmin(per_seed, 0), np.nanmax(per_seed, 0), color=colours(i % 10), alpha=0.2)
-    anchors = [r for r in rows if r["dataset"] == dataset and free_anchor(r["cell"]) and not r["curve"]]
-    for row, style in zip(anchors, ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)))):
-        axes.axhline(row["r2"]["overall"][0], color="grey", ls=style, lw=1, label=f"{row['cell']} (free)")
-    steps = sorted({n for r in rows if r["dataset"] == dataset for n in r["curve"]})
-    axes.set_xscale("log")
-    axes.set_xticks(steps, [f"{n:,}" for n in steps])
-    axes.minorticks_off()
-    axes.set(xlabel="updates (log scale)", ylabel="held-out R², overall (mean over seeds)",
-             title=f"{dataset}: the probe over training (band: the seeds' range)")
-    axes.axhline(0, color="grey", lw=0.8)
-    axes.legend(fontsize=8)
-    fig.tight_layout()
+    for axes, panel in zip(grid.flat, panels):
+        for i, row in enumerate(r for r in here if r["curve"]):
+            points = row["curve"] if panel == "overall" else row["group_curves"].get(panel, {})
+            if not points:
+                continue
+            mine = [r for r in runs if r.dataset == dataset and r.cell == row["cell"]]
+            per_seed = [[(r.curve if panel == "overall" else r.group_curves.get(panel, {})).get(n, np.nan) for n in steps]
+                        for r in mine]
+            axes.plot(steps, [points.get(n, (np.nan,))[0] for n in steps], marker="o", color=colours(i % 10), label=row["cell"])
+            if len(per_seed) > 1:
+                axes.fill_between(steps, np.nanmin(per_seed, 0), np.nanmax(per_seed, 0), color=colours(i % 10), alpha=0.2)
+        anchors = [r for r in here if free_anchor(r["cell"]) and not r["curve"]]
+        for row, style in zip(anchors, ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)))):
+            axes.axhline(row["r2"][panel][0], color="grey", ls=style, lw=1, label=f"{row['cell']} (free)")
+        axes.set_xscale("log")
+        axes.set_xticks(steps, [f"{n:,}" for n in steps])
+        axes.minorticks_off()
+        axes.set(xlabel="updates (log scale)", ylabel="held-out R² (mean over seeds)",
+                 title=panel if panel == "overall" else f"{panel} (from h, z)")
+        axes.axhline(0, color="grey", lw=0.8)
+    for axes in grid.flat[len(panels):]:
+        axes.set_visible(False)
+    fig.legend(*grid.flat[0].get_legend_handles_labels(), loc="center right", fontsize=8)
+    fig.suptitle(f"{dataset}: the probe over training (band: the seeds' range)")
+    fig.tight_layout(rect=(0, 0, 1 - legend / (4.2 * columns + legend), 1))
     fig.savefig(path, dpi=110)
 
 
