@@ -34,7 +34,7 @@ def free_anchor(cell: str) -> bool:
     """An anchor that needs no learning from the images: every anchor but the true state."""
     return cell.startswith("anchor_") and cell != "anchor_true"
 HORIZONS = (0, 1, 5, 10, 15)
-CURVE_KEY = "probe/curve/overall/r2"  # a run's checkpoints probed over its training, the updates as the step
+CURVE_PREFIX = "probe/curve/"  # `probe/curve/<overall or group>/r2`: a run's checkpoints probed over training, updates as the step
 
 
 @dataclass
@@ -51,8 +51,7 @@ class ProbedRun:
     heldout_loss: float = float("nan")
     minutes: float = float("nan")  # the run's wall time
     not_counted: dict[str, str] = field(default_factory=dict)  # groups left out of overall -> the group each repeats
-    curve: dict[int, float] = field(default_factory=dict)  # updates -> overall R² of that checkpoint
-    group_curves: dict[str, dict[int, float]] = field(default_factory=dict)  # group -> updates -> R² from (h, z)
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)  # "overall" or a group -> updates -> R² from (h, z)
 
     @property
     def anchor(self) -> bool:
@@ -96,15 +95,14 @@ def load_probed_runs(client: MlflowClient, experiment_id: str, skip_tag: str) ->
         for key in metrics:
             if key.startswith("probe/rollout/") and key.endswith("/r2"):
                 rollout[key.removeprefix("probe/rollout/").removesuffix("/r2")] = latest_curve(client, run.info.run_id, key)
-        group_curves = {key.removeprefix("probe/curve/").removesuffix("/r2"): latest_points(client, run.info.run_id, key)
-                        for key in metrics if key.startswith("probe/curve/") and key.endswith("/r2") and key != CURVE_KEY}
+        curves = {key.removeprefix(CURVE_PREFIX).removesuffix("/r2"): latest_points(client, run.info.run_id, key)
+                  for key in metrics if key.startswith(CURVE_PREFIX) and key.endswith("/r2")}
         minutes = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 60000 if "anchor" not in params else np.nan
         found.append(ProbedRun(run.info.run_name, dataset, cell, int(params.get("seed_everything", 0)), r2, rollout,
                                latest_curve(client, run.info.run_id, "probe/rollout/reward_mse"),
                                metrics.get("heldout/loss", float("nan")), minutes,
                                json.loads(run.data.tags.get(NOT_COUNTED_TAG, "{}")),
-                               latest_points(client, run.info.run_id, CURVE_KEY) if CURVE_KEY in metrics else {},
-                               group_curves))
+                               curves))
     return sorted(found, key=lambda r: (r.dataset, r.anchor, r.cell, r.seed))
 
 
@@ -193,22 +191,22 @@ class ProbeReport:
                              + f" | {fmt(row['reward'].get(1, (np.nan,) * 3), 3)} | {fmt(row['reward'].get(15, (np.nan,) * 3), 3)}"
                              f" | {fmt(row['heldout_loss'], 1)} | {fmt(row['minutes'], 1)} |")
             lines += ["", f"![probe of {dataset}]({folder}probe_{dataset}.png)", ""]
-            curves = [row for row in rows if row["curve"]]
+            curves = [row for row in rows if "overall" in row["curves"]]
             if curves:
-                steps = sorted({n for row in curves for n in row["curve"]})
+                steps = sorted({n for row in curves for n in row["curves"]["overall"]})
                 lines += ["Overall R² over training, from each run's checkpoints (learning speed and plateau):", "",
                           "| objective | " + " | ".join(f"{n:,} updates" for n in steps) + " |",
                           "| --- |" + " --- |" * len(steps)]
-                lines += [f"| {row['cell']} | " + " | ".join(fmt(row['curve'].get(n, (np.nan,) * 3)) for n in steps) + " |"
+                lines += [f"| {row['cell']} | " + " | ".join(fmt(row['curves']['overall'].get(n, (np.nan,) * 3)) for n in steps) + " |"
                           for row in curves]
                 lines += ["", f"![probe over training of {dataset}]({folder}probe_curve_{dataset}.png)", ""]
                 counted = [g for g in groups if g not in not_counted]
-                by_group = [(row, g) for g in counted for row in curves if g in row["group_curves"]]
+                by_group = [(row, g) for g in counted for row in curves if g in row["curves"]]
                 if by_group:
                     lines += ["Each counted group over training, from (h, z) (a claim about one quantity reads its own row):", "",
                               "| group | objective | " + " | ".join(f"{n:,} updates" for n in steps) + " |",
                               "| --- | --- |" + " --- |" * len(steps)]
-                    lines += [f"| {g} | {row['cell']} | " + " | ".join(fmt(row['group_curves'][g].get(n, (np.nan,) * 3))
+                    lines += [f"| {g} | {row['cell']} | " + " | ".join(fmt(row['curves'][g].get(n, (np.nan,) * 3))
                                                                         for n in steps) + " |" for row, g in by_group]
                     lines += [""]
         return "\n".join(lines)
@@ -241,12 +239,9 @@ def summarise(runs: list[ProbedRun], reps: int) -> list[dict]:
                 "horizon": horizon,
                 "reward": {k: interval([r.reward_mse[k] for r in seeds if len(r.reward_mse) > k], reps) for k in (1, 15)},
                 "heldout_loss": interval([r.heldout_loss for r in seeds], reps),
-                "curve": {n: interval([r.curve[n] for r in seeds if n in r.curve], reps)
-                          for n in sorted({n for r in seeds for n in r.curve})},
-                "group_curves": {group: {n: interval([r.group_curves[group][n] for r in seeds
-                                                      if n in r.group_curves.get(group, {})], reps)
-                                         for n in sorted({n for r in seeds for n in r.group_curves.get(group, {})})}
-                                 for group in groups if any(group in r.group_curves for r in seeds)},
+                "curves": {name: {n: interval([r.curves[name][n] for r in seeds if n in r.curves.get(name, {})], reps)
+                                  for n in sorted({n for r in seeds for n in r.curves.get(name, {})})}
+                           for name in ("overall", *groups) if any(name in r.curves for r in seeds)},
                 "minutes": interval([r.minutes for r in seeds], reps),
             })
     return rows
@@ -294,25 +289,24 @@ def plot_curves(rows: list[dict], runs: list[ProbedRun], dataset: str, path: Pat
     (mean over seeds) with its seeds' band, and the free anchors as horizontal lines."""
     here = [r for r in rows if r["dataset"] == dataset]
     panels = ["overall", *(g for g in here[0]["groups"] if g not in here[0]["not_counted"]
-                           and any(g in r["group_curves"] for r in here))]  # runs probed before wm logged groups: overall only
-    steps = sorted({n for r in here for n in r["curve"]})
+                           and any(g in r["curves"] for r in here))]  # runs probed before wm logged groups: overall only
+    steps = sorted({n for r in here for n in r["curves"].get("overall", {})})
     columns = min(3, len(panels))
     legend = 2.8  # inches right of the panels
     fig = new_figure(4.2 * columns + legend, 3.4 * -(-len(panels) // columns))
     grid = fig.subplots(-(-len(panels) // columns), columns, squeeze=False, sharey=True)
     colours = colormaps["tab10"]
     for axes, panel in zip(grid.flat, panels):
-        for i, row in enumerate(r for r in here if r["curve"]):
-            points = row["curve"] if panel == "overall" else row["group_curves"].get(panel, {})
+        for i, row in enumerate(r for r in here if r["curves"]):
+            points = row["curves"].get(panel, {})
             if not points:
                 continue
             mine = [r for r in runs if r.dataset == dataset and r.cell == row["cell"]]
-            per_seed = [[(r.curve if panel == "overall" else r.group_curves.get(panel, {})).get(n, np.nan) for n in steps]
-                        for r in mine]
+            per_seed = [[r.curves.get(panel, {}).get(n, np.nan) for n in steps] for r in mine]
             axes.plot(steps, [points.get(n, (np.nan,))[0] for n in steps], marker="o", color=colours(i % 10), label=row["cell"])
             if len(per_seed) > 1:
                 axes.fill_between(steps, np.nanmin(per_seed, 0), np.nanmax(per_seed, 0), color=colours(i % 10), alpha=0.2)
-        anchors = [r for r in here if free_anchor(r["cell"]) and not r["curve"]]
+        anchors = [r for r in here if free_anchor(r["cell"]) and not r["curves"]]
         for row, style in zip(anchors, ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)))):
             axes.axhline(row["r2"][panel][0], color="grey", ls=style, lw=1, label=f"{row['cell']} (free)")
         axes.set_xscale("log")
@@ -351,7 +345,7 @@ def make_probe_report(client: MlflowClient, experiment_id: str, experiment: str,
     rows = summarise(runs, reps)
     for dataset in sorted({r.dataset for r in runs}):
         plot(rows, runs, dataset, out / f"probe_{dataset}.png")
-        if any(row["curve"] for row in rows if row["dataset"] == dataset):
+        if any(row["curves"] for row in rows if row["dataset"] == dataset):
             plot_curves(rows, runs, dataset, out / f"probe_curve_{dataset}.png")
     write_rows(out / "probe.csv", rows)
     report = ProbeReport(experiment, command, runs, rows, reps)
