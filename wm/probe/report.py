@@ -263,10 +263,11 @@ def plot(rows: list[dict], runs: list[ProbedRun], dataset: str, path: Path) -> N
         bars.bar(np.arange(len(groups)) + (i - (len(here) - 1) / 2) * width, means, width, yerr=(low, high),
                  label=row["cell"], color=colours(i % 10), alpha=0.45 if anchor else 0.95, hatch="//" if anchor else None,
                  error_kw={"lw": 0.8})
-    bars.set_xticks(np.arange(len(groups)), groups, rotation=25, ha="right")
+    labels = [f"{g}\n(= {here[0]['not_counted'][g]},\nnot counted)" if g in here[0]["not_counted"] else g for g in groups]
+    bars.set_xticks(np.arange(len(groups)), labels, fontsize=8)
     bars.set(ylim=(R2_FLOOR, 1.05), ylabel="held-out R² (mean over seeds)", title=f"{dataset}: linear probe by state group")
     bars.axhline(0, color="grey", lw=0.8)
-    bars.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below the axes: many cells would cover the bars
+    bars.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below the axes: many cells would cover the bars
     for i, row in enumerate(here):
         if row["cell"].startswith("anchor_") or not row["horizon"]:
             continue
