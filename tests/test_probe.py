@@ -391,7 +391,7 @@ def test_a_study_trains_its_blind_anchors_with_their_own_seeds(tmp_path, capsys)
     """`blind_seeds` cuts the blind anchor's runs (one seed is the anchor's floor), not the objectives'."""
     import yaml
 
-    from wm.probe.commands import study_main
+    from wm.probe.study import study_main
 
     study = {"experiment": "study", "root": str(tmp_path / "runs"), "data": str(tmp_path / "data"),
              "datasets": [{"task": "dmc_subtle-reacher_hard", "frames": 2000, "time_limit": 100}],
@@ -405,6 +405,50 @@ def test_a_study_trains_its_blind_anchors_with_their_own_seeds(tmp_path, capsys)
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists(), "a dry run creates nothing"
 
 
+STUDY_CONFIGS = sorted(p for p in (REPO / "configs/probe").glob("*.yaml") if p.name != "train.yaml")
+
+
+@pytest.mark.parametrize("config", STUDY_CONFIGS, ids=[p.stem for p in STUDY_CONFIGS])
+def test_every_shipped_study_config_passes_its_check(config):
+    """A shipped study is whole: known keys, tasks and objectives, and a checkpoint at each curve point."""
+    import yaml
+
+    from wm.probe.study import study_problems
+
+    assert study_problems(yaml.safe_load(config.read_text())) == []
+
+
+def test_a_study_config_with_mistakes_is_refused_whole_before_anything_exists(tmp_path):
+    """Each mistake named with its key and fix, in one error, before a dataset, run or store exists:
+    a misspelled key would otherwise be ignored, and a curve point without a checkpoint found only
+    after every run has trained."""
+    import yaml
+
+    from wm.probe.study import study_main
+    from wm.run.validation import ConfigError
+
+    study = {"experiment": "study", "root": str(tmp_path / "runs"), "data": str(tmp_path / "data"),
+             "datasets": [{"task": "dmc-cartpole_swingup", "frames": 2000}, {"task": "dmc-cartpol_swingup", "frame": 2000}],
+             "objectives": ["barlow", "barlw"], "seeds": [0, 1], "blind_seed": [0], "curve": [250, 300, 5000],
+             "train": ["--config", str(REPO / "configs/probe/train.yaml"), "--trainer.max_steps", "4000"]}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    with pytest.raises(ConfigError) as refused:
+        study_main(["--config", str(config)])
+    lines = str(refused.value).splitlines()
+    assert lines[0] == f"6 problems in the study config {config}:" and lines[-1] == "Nothing was created."
+    expected = ["blind_seed: not a key of a study. Did you mean blind_seeds?",
+                "datasets[1].frame: not a key of a study dataset. Did you mean frames?",
+                "datasets[1].frames: missing",
+                "datasets[1].task='dmc-cartpol_swingup' is not a task. Did you mean dmc-cartpole_swingup?",
+                "objectives: 'barlw' is not an objective. Did you mean barlow?",
+                # configs/probe/train.yaml keeps a checkpoint every 500 updates; 4,000 updates from the override
+                "curve: no checkpoint at 250, 300, 5000 updates: a run trains 4000 updates (trainer.max_steps) and keeps "
+                "one every 500 (run.checkpoint_every)."]
+    assert sorted(lines[1:-1]) == sorted(next(line for line in lines[1:-1] if line.startswith(f"- {start}")) for start in expected)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow  # a study's training runs are subprocesses
 def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, capsys):
     """More seeds later: the finished run is neither trained nor probed again, so its minutes and
@@ -412,7 +456,7 @@ def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, c
     import yaml
 
     from wm.run.tracking import sqlite_uri
-    from wm.probe.commands import runs_of, study_main
+    from wm.probe.study import runs_of, study_main
 
     study = {"experiment": "study", "root": str(tmp_path / "runs"), "data": str(catch.folder.parent),
              "datasets": [{"task": "toy-catch", "name": catch.folder.name, "frames": 3000}],

@@ -8,6 +8,8 @@ state from the latent, and the probe applied to imagined states, measure the rep
 - `wm.probe.ridge`: closed-form ridge regression, its penalty chosen by cross-validation;
 - `wm.probe.evaluate`: probe any world-model or agent checkpoint, observed and imagined
   (`python -m wm.probe eval`), with the sanity anchors (the true state, an untrained model, noise).
+- `wm.probe.study`: a whole study group from one config (`python -m wm.probe study`): datasets,
+  training runs, their probes and the anchors in one MLflow experiment, the config checked first.
 
 A tool: it may import everything of wm, datamodules and callbacks.
 """

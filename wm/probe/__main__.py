@@ -19,7 +19,8 @@ def main(argv: list[str]) -> int:
     """Imports the commands only when called: worker processes (collect's) import this module as
     their main module, and need none of it."""
     from wm.run.machine import retain_freed_memory
-    from wm.probe.commands import collect_main, eval_main, study_main
+    from wm.probe.commands import collect_main, eval_main
+    from wm.probe.study import study_main
     from wm.probe.offline import main as train_main
     from wm.run.command import REFUSALS
 

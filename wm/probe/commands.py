@@ -1,4 +1,4 @@
-"""The command lines of `python -m wm.probe` (collect, eval, study); `train` is wm.probe.offline's."""
+"""The command lines of `python -m wm.probe` collect and eval; `train` is wm.probe.offline's, `study` wm.probe.study's."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import argparse
 import json
 import math
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -16,13 +14,12 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from wm.run.files import atomic_write
 from wm.run.tracking import create_store, ensure_experiment, sqlite_file, sqlite_uri
 from wm.probe import evaluate
 from wm.probe.dataset import Collection, ProbeDataset, collect
 from wm.probe.figures import plot_probe
 from wm.run.identity import RECORD_KEY, run_name
-from wm.sweep import OBJECTIVE_CONFIGS, run_locally
+from wm.sweep import OBJECTIVE_CONFIGS, objective_configs
 
 ANCHORS = ("true", "noise", "untrained", "actions")
 GAIN_KEY = "probe_gain/over_actions"  # a probed run's overall R² minus its dataset's actions anchor
@@ -84,7 +81,7 @@ def objective_module(name: str):
     """The objective an objective config (configs/objective/<name>.yaml) builds, and its run variant."""
     path = OBJECTIVE_CONFIGS / f"{name}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"no objective config {path}; choose from {sorted(p.stem for p in OBJECTIVE_CONFIGS.glob('*.yaml'))}")
+        raise FileNotFoundError(f"no objective config {path}; choose from {', '.join(objective_configs())}")
     import importlib
 
     spec = yaml.safe_load(path.read_text())["model"]["objective"]
@@ -253,92 +250,3 @@ def probe_curve(args, dataset: ProbeDataset) -> dict[int, dict[str, float]]:
         print(f"  curve: {n:,} updates: overall R² " + ", ".join(f"{f} {result.overall(f):.3f}" for f in evaluate.FEATURES)
               + "; (h, z) " + ", ".join(f"{g} {result.r2['both', g]:.3f}" for g in dataset.groups), flush=True)
     return curve
-
-
-# -------------------------------------------------------------------------------------- study
-def study_main(argv: list[str]) -> None:
-    """One study group: collect its datasets (once), train every objective and seed on each, probe
-    every trained run, and the anchors; all in one MLflow experiment for `python -m wm.report`."""
-    parser = argparse.ArgumentParser(prog="python -m wm.probe study", description=study_main.__doc__)
-    parser.add_argument("--config", type=Path, required=True, help="a study config, e.g. configs/probe/dmc.yaml")
-    parser.add_argument("--parallel", type=int, default=None, help="training runs at once (default: the config's)")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
-    args = parser.parse_args(argv)
-    study = yaml.safe_load(args.config.read_text())
-    experiment, root = study["experiment"], Path(study.get("root", f"runs/{study['experiment']}"))
-    data_root = Path(study.get("data", "data/probe"))
-    seeds, objectives = study["seeds"], study["objectives"]
-    started = time.perf_counter()
-    datasets = []
-    for spec in study["datasets"]:
-        folder = data_root / spec.get("name", spec["task"])
-        if not (folder / "dataset.json").exists() and not args.dry_run:
-            collect(Collection(spec["task"], spec["frames"], spec.get("action_repeat", 2), spec.get("time_limit"),
-                               spec.get("seed", 0), spec.get("policy"), spec.get("epsilon", 0.0),
-                               spec.get("heldout_every", 5), spec.get("video_dir")), folder, study.get("workers", 2))
-        datasets.append(folder)
-    uri = sqlite_uri(root / "mlflow.db")
-    runs = {}  # run name -> (its dataset folder, its training command)
-    # `blind`: objectives also trained blind (every image a constant), the anchor of what the actions
-    # and rewards alone teach the RSSM: cells `anchor_blind_<objective>`, with `blind_seeds` (default: every seed).
-    blind_seeds = study.get("blind_seeds", seeds)
-    cells = [(objective, objective, [], seeds) for objective in objectives]
-    cells += [(objective, f"anchor_blind_{objective}", ["--model.blind", "true", "--run.variant", f"anchor_blind_{objective}"],
-               blind_seeds) for objective in study.get("blind", [])]
-    for folder in datasets:
-        for objective, cell, extra, cell_seeds in cells:
-            for seed in cell_seeds:
-                name = run_name(folder.name, cell, seed)
-                runs[name] = (folder, [sys.executable, "-m", "wm.probe", "train", *study.get("train", []),
-                                       "--config", str(OBJECTIVE_CONFIGS / f"{objective}.yaml"), *extra, "--data.dataset",
-                                       str(folder), "--seed_everything", str(seed), "--run.name", name,
-                                       "--run.root", str(root), "--run.experiment", experiment,
-                                       "--run.tracking_uri", uri, "--ckpt_path", "last"])
-    if args.dry_run:
-        print("\n".join(shlex.join(command) for _, command in runs.values()))
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    create_store(root / "mlflow.db")
-    (root / "logs").mkdir(exist_ok=True)
-    # A study run again (with more objectives or seeds) trains, probes and anchors only what it has
-    # not yet: a finished run is not resumed, which would only move its end (its minutes per run).
-    client = MlflowClient(uri)
-    finished = {run.info.run_name for run in runs_of(client, experiment) if run.info.status == "FINISHED"}
-    to_train = [command for name, (_, command) in runs.items() if name not in finished]
-    failed = run_locally(to_train, args.parallel or study.get("parallel", 1), root / "logs")
-    done = {run.info.run_name: run.data.tags for run in runs_of(client, experiment)}
-    # The probes of the trained runs, then the anchors not yet probed: `wm.probe eval` processes,
-    # as many at a time as training runs (logs in <root>/logs/<run>.probe.log).
-    evals = {}  # log name -> the eval's arguments
-    for name, (folder, _) in runs.items():
-        checkpoint = root / name / "checkpoints" / "last.ckpt"
-        if checkpoint.exists() and done.get(name, {}).get(PROBED_TAG) != str(folder.resolve()):
-            curve = ["--curve", *map(str, study["curve"])] if "curve" in study else []
-            evals[f"{name}.probe"] = ["--ckpt", str(checkpoint), "--data", str(folder), *study.get("eval", []), *curve]
-    probed = len(evals)
-    for folder in datasets:
-        common = ["--data", str(folder), "--experiment", experiment, "--root", str(root), *study.get("eval", [])]
-        anchors = [["--anchor", "true"], ["--anchor", "actions"], *(["--anchor", "noise", "--seed", str(seed)] for seed in seeds),
-                   *(["--anchor", "untrained", "--objective", objective, "--seed", str(seeds[0])]  # one seed: the floor
-                     for objective in distinct_cores(objectives))]
-        dataset = ProbeDataset(folder)
-        for anchor in anchors:
-            name = anchor_name(eval_parser().parse_args([*common, *anchor]), dataset)
-            if name not in done:
-                evals[f"{name}.probe"] = [*common, *anchor]
-    failed_evals = run_locally([[sys.executable, "-m", "wm.probe", "eval", *argv] for argv in evals.values()],
-                               args.parallel or study.get("parallel", 1), root / "logs", names=list(evals), what="probes")
-    summary = {"experiment": experiment, "store": uri, "datasets": [str(d) for d in datasets],
-               "seconds": round(time.perf_counter() - started), "failed": failed, "failed_probes": failed_evals}
-    text = json.dumps(summary, indent=1).encode()
-    atomic_write(root / "study.json", lambda f: f.write(text))
-    print(f"study {experiment}: {len(runs)} runs ({len(runs) - len(to_train)} already finished), "
-          f"{probed} probed, in {summary['seconds'] / 60:.0f} min; "
-          f"report it with: python -m wm.report --experiment {experiment} --tracking-uri {uri} --out {root / 'report'}")
-
-
-def runs_of(client: MlflowClient, experiment: str) -> list:
-    """Every MLflow run of `experiment` (none before it exists)."""
-    found = client.get_experiment_by_name(experiment)
-    return client.search_runs([found.experiment_id], max_results=50_000) if found else []
-

@@ -227,6 +227,10 @@ class TrainingSummary(L.Callback):
         return lines
 
 
+TRAIN_DEFAULTS = {"trainer.max_steps": 2000, "trainer.log_every_n_steps": 25, "trainer.val_check_interval": 250,
+                  "run.checkpoint_every": 500, "model.size": "size1M"}
+
+
 class ProbeCLI(RunCLI):
     """The run machinery of `python -m wm fit` for an offline world model: one run folder and MLflow
     run per `<dataset>-<objective>-s<seed>`, checkpoints every `run.checkpoint_every` updates, and a
@@ -246,8 +250,7 @@ class ProbeCLI(RunCLI):
         for field in ("observation_shapes", "action_dim", "discrete"):
             parser.link_arguments("data", f"model.{field}", compute_fn=lambda data, f=field: data.spec[f],
                                   apply_on="instantiate")
-        parser.set_defaults({"trainer.max_steps": 2000, "trainer.log_every_n_steps": 25, "trainer.val_check_interval": 250,
-                             "run.checkpoint_every": 500, "model.size": "size1M"})
+        parser.set_defaults(TRAIN_DEFAULTS)
 
     def default_run_name(self, config) -> str:
         objective = config.model.objective

@@ -42,12 +42,17 @@ def check_config(config, subcommand: str | None) -> None:
     problems = trainer_problems(config) + logger_problems(config) + model_problems(config)
     if subcommand == "fit":
         problems += env_and_data_problems(config)
+    refuse(problems, "the config")
+
+
+def refuse(problems: list[str], where: str) -> None:
+    """Raise one ConfigError listing `problems` (found in `where`), if there are any."""
     if not problems:
         return
     if len(problems) == 1:
         raise ConfigError(f"{problems[0]} {NOTHING_CREATED}")
     lines = "\n".join(f"- {p}" for p in problems)
-    raise ConfigError(f"{len(problems)} problems in the config:\n{lines}\n{NOTHING_CREATED}")
+    raise ConfigError(f"{len(problems)} problems in {where}:\n{lines}\n{NOTHING_CREATED}")
 
 
 def closest(value: str, valid: list[str]) -> str:
@@ -56,9 +61,9 @@ def closest(value: str, valid: list[str]) -> str:
     return f" Did you mean {match[0]}?" if match else ""
 
 
-def task_problems(task) -> list[str]:
-    """An unknown `env.task`, named with the closest valid one (a suite whose simulator cannot
-    load here is left to the env's own one-line error)."""
+def task_problems(task, key: str = "env.task") -> list[str]:
+    """An unknown task (given as `key`), named with the closest valid one (a suite whose simulator
+    cannot load here is left to the env's own one-line error)."""
     from wm.envs import SUITES, available_tasks
 
     if not isinstance(task, str):
@@ -66,7 +71,7 @@ def task_problems(task) -> list[str]:
     suite = task.partition("-")[0]
     if suite not in SUITES:
         names = sorted(SUITES)
-        return [f"env.task={task!r}: no suite {suite!r}.{closest(suite, names)} Suites: {', '.join(names)} "
+        return [f"{key}={task!r}: no suite {suite!r}.{closest(suite, names)} Suites: {', '.join(names)} "
                 "(a task is <suite>-<name>, e.g. dmc-walker_walk)."]
     try:
         tasks = available_tasks([suite])
@@ -75,7 +80,7 @@ def task_problems(task) -> list[str]:
     if task in tasks:
         return []
     shown = ", ".join(tasks[:12]) + (f" and {len(tasks) - 12} more" if len(tasks) > 12 else "")
-    return [f"env.task={task!r} is not a task.{closest(task, tasks)} The {suite} tasks: {shown}."]
+    return [f"{key}={task!r} is not a task.{closest(task, tasks)} The {suite} tasks: {shown}."]
 
 
 # ----------------------------------------------------------------------------------- env and data
