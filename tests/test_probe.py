@@ -464,13 +464,18 @@ def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, c
              "eval": ["--observe", "2", "--horizon", "3"], "blind": ["barlow"], "curve": [20, 40]}
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(study))
+    study_main(["--config", str(config), "--probe-only"])  # a study seen before its runs finish: anchors only
+    printed = capsys.readouterr().out
+    assert "not finished, so not probed: catch-barlow-s0, catch-anchor_blind_barlow-s0" in printed
+    assert not (tmp_path / "runs" / "catch-barlow-s0").exists(), "--probe-only trains nothing"
+    assert "overall R²" in (tmp_path / "runs" / "logs" / "catch-anchor_noise-s0.probe.log").read_text()
     study_main(["--config", str(config)])
     client = MlflowClient(sqlite_uri(tmp_path / "runs" / "mlflow.db"))
     (first,) = [r for r in runs_of(client, "study") if r.info.run_name == "catch-barlow-s0"]
     config.write_text(yaml.safe_dump({**study, "seeds": [0, 1], "parallel": 2}))  # two trainings, then two probes, at once
     study_main(["--config", str(config)])
     printed = capsys.readouterr().out
-    assert "study study: 4 runs (2 already finished), 2 probed" in printed
+    assert "study study: 4 runs (2 already finished or not trained), 2 probed" in printed
     assert re.search(r"^(\d+) of \1 probes finished$", printed, re.M), "the probes, counted as probes"
     logs = tmp_path / "runs" / "logs"
     assert "overall R²" in (logs / "catch-barlow-s1.probe.log").read_text()

@@ -140,11 +140,13 @@ def curve_problems(study: dict) -> list[str]:
 
 def study_main(argv: list[str]) -> None:
     """One study group: collect its datasets (once), train every objective and seed on each, probe
-    every trained run, and the anchors; all in one MLflow experiment for `python -m wm.report`."""
+    every finished run, and the anchors; all in one MLflow experiment for `python -m wm.report`."""
     parser = argparse.ArgumentParser(prog="python -m wm.probe study", description=study_main.__doc__)
     parser.add_argument("--config", type=Path, required=True, help="a study config, e.g. configs/probe/dmc.yaml")
     parser.add_argument("--parallel", type=int, default=None, help="training runs at once (default: the config's)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--probe-only", action="store_true",
+                        help="train nothing: probe the runs that have finished and add the anchors (a long study seen midway)")
     args = parser.parse_args(argv)
     if args.parallel is not None and args.parallel < 1:
         parser.error(f"--parallel {args.parallel}: give at least 1 (training runs at once)")
@@ -189,15 +191,17 @@ def study_main(argv: list[str]) -> None:
     # not yet: a finished run is not resumed, which would only move its end (its minutes per run).
     client = MlflowClient(uri)
     finished = {run.info.run_name for run in runs_of(client, experiment) if run.info.status == "FINISHED"}
-    to_train = [command for name, (_, command) in runs.items() if name not in finished]
-    failed = run_locally(to_train, args.parallel or study.get("parallel", 1), root / "logs")
+    to_train = [] if args.probe_only else [command for name, (_, command) in runs.items() if name not in finished]
+    failed = run_locally(to_train, args.parallel or study.get("parallel", 1), root / "logs") if to_train else 0
     done = {run.info.run_name: run.data.tags for run in runs_of(client, experiment)}
-    # The probes of the trained runs, then the anchors not yet probed: `wm.probe eval` processes,
-    # as many at a time as training runs (logs in <root>/logs/<run>.probe.log).
+    finished = {run.info.run_name for run in runs_of(client, experiment) if run.info.status == "FINISHED"}
+    # The probes of the finished runs (a run stopped midway is probed once it has finished: its probe
+    # is the end's), then the anchors not yet probed: `wm.probe eval` processes, as many at a time
+    # as training runs (logs in <root>/logs/<run>.probe.log).
     evals = {}  # log name -> the eval's arguments
     for name, (folder, _) in runs.items():
         checkpoint = root / name / "checkpoints" / "last.ckpt"
-        if checkpoint.exists() and done.get(name, {}).get(PROBED_TAG) != str(folder.resolve()):
+        if name in finished and checkpoint.exists() and done[name].get(PROBED_TAG) != str(folder.resolve()):
             curve = ["--curve", *map(str, study["curve"])] if "curve" in study else []
             evals[f"{name}.probe"] = ["--ckpt", str(checkpoint), "--data", str(folder), *map(str, study.get("eval", [])), *curve]
     probed = len(evals)
@@ -217,7 +221,10 @@ def study_main(argv: list[str]) -> None:
                "seconds": round(time.perf_counter() - started), "failed": failed, "failed_probes": failed_evals}
     text = json.dumps(summary, indent=1).encode()
     atomic_write(root / "study.json", lambda f: f.write(text))
-    print(f"study {experiment}: {len(runs)} runs ({len(runs) - len(to_train)} already finished), "
+    unfinished = [name for name in runs if name not in finished]
+    if unfinished:
+        print(f"not finished, so not probed: {', '.join(unfinished)} (the study run again trains them)")
+    print(f"study {experiment}: {len(runs)} runs ({len(runs) - len(to_train)} already finished or not trained), "
           f"{probed} probed, in {summary['seconds'] / 60:.0f} min; "
           f"report it with: python -m wm.report --experiment {experiment} --tracking-uri {uri} --out {root / 'report'}")
 
