@@ -430,7 +430,7 @@ def test_a_study_config_with_mistakes_is_refused_whole_before_anything_exists(tm
     study = {"experiment": "study", "root": str(tmp_path / "runs"), "data": str(tmp_path / "data"),
              "datasets": [{"task": "dmc-cartpole_swingup", "frames": 2000}, {"task": "dmc-cartpol_swingup", "frame": 2000}],
              "objectives": ["barlow", "barlw"], "seeds": [0, 1], "blind_seed": [0], "curve": [250, 300, 5000],
-             "train": ["--config", str(REPO / "configs/probe/train.yaml"), "--trainer.max_steps", "4000"]}
+             "train": ["--config", str(REPO / "configs/probe/train.yaml"), "--trainer.max_steps=4000"]}  # the shipped use "--key value"
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(study))
     with pytest.raises(ConfigError) as refused:

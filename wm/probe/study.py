@@ -34,7 +34,7 @@ DATASET_REQUIRED = ("task", "frames")
 DATASET_OPTIONAL = ("name", "action_repeat", "time_limit", "seed", "policy", "epsilon", "heldout_every", "video_dir")
 
 
-def whole_numbers(value, at_least: int) -> bool:
+def whole_number(value, at_least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
 
 
@@ -46,10 +46,11 @@ def key_problems(given: dict, required: tuple[str, ...], optional: tuple[str, ..
 
 
 def train_setting(train: list[str], key: str):
-    """What `wm.probe train` takes for a dotted `key` from a study's `train` arguments: the last
-    `--key value`, else the last `--config` file that sets it, else its default."""
+    """What `wm.probe train` takes for a dotted `key` from a study's `train` arguments, read in
+    order as the CLI does: `--key value` (or `--key=value`), or a `--config` file that sets it, the
+    last one winning; else its default."""
     value = TRAIN_DEFAULTS.get(key)
-    for flag, argument in zip(train, train[1:]):
+    for flag, argument in pairs(train):
         if flag == "--config" and Path(argument).is_file():
             found = yaml.safe_load(Path(argument).read_text()) or {}
             for part in key.split("."):
@@ -58,6 +59,13 @@ def train_setting(train: list[str], key: str):
         elif flag == f"--{key}":
             value = yaml.safe_load(argument)
     return value
+
+
+def pairs(arguments: list[str]) -> list[tuple[str, str]]:
+    """(flag, value) of command-line arguments, `--flag value` and `--flag=value` alike."""
+    split = [part for argument in arguments
+             for part in (argument.split("=", 1) if argument.startswith("--") and "=" in argument else [argument])]
+    return [(flag, value) for flag, value in zip(split, split[1:]) if flag.startswith("--")]
 
 
 def dataset_problems(spec, i: int) -> list[str]:
@@ -70,7 +78,7 @@ def dataset_problems(spec, i: int) -> list[str]:
         problems += task_problems(spec["task"], f"{where}task")
     problems += [f"{where}{key}={spec[key]!r} must be a whole number >= {low}; fix it in the study config."
                  for key, low in (("frames", 1), ("action_repeat", 1), ("time_limit", 1), ("heldout_every", 2), ("seed", 0))
-                 if spec.get(key) is not None and not whole_numbers(spec[key], low)]
+                 if spec.get(key) is not None and not whole_number(spec[key], low)]
     epsilon = spec.get("epsilon", 0.0)
     if not isinstance(epsilon, (int, float)) or not 0 <= epsilon <= 1:
         problems.append(f"{where}epsilon={epsilon!r} must be a share of random actions between 0 and 1.")
@@ -96,7 +104,7 @@ def study_problems(study) -> list[str]:
                      f"{', '.join(valid)}." for name in names if name not in valid]
     for key in ("seeds", "blind_seeds"):
         seeds = study.get(key, [0])
-        if not isinstance(seeds, list) or not seeds or not all(whole_numbers(s, 0) for s in seeds) or len(set(seeds)) < len(seeds):
+        if not isinstance(seeds, list) or not seeds or not all(whole_number(s, 0) for s in seeds) or len(set(seeds)) < len(seeds):
             problems.append(f"{key}={seeds!r} must be a list of distinct whole numbers >= 0, e.g. [0, 1, 2].")
     if "blind_seeds" in study and not study.get("blind"):
         problems.append("blind_seeds is given but blind is not: name the objectives to train blind (blind: [barlow]) "
@@ -114,7 +122,7 @@ def study_problems(study) -> list[str]:
         if not isinstance(study.get(key, []), list):
             problems.append(f"{key}={study[key]!r} must be a list of command-line arguments, e.g. [--trainer.max_steps, \"1000\"].")
     problems += [f"{key}={study[key]!r} must be a whole number >= 1." for key in ("parallel", "workers")
-                 if key in study and not whole_numbers(study[key], 1)]
+                 if key in study and not whole_number(study[key], 1)]
     return problems + curve_problems(study)
 
 
@@ -123,13 +131,15 @@ def curve_problems(study: dict) -> list[str]:
     curve = study.get("curve")
     if curve is None:
         return []
-    if not isinstance(curve, list) or not curve or not all(whole_numbers(n, 1) for n in curve):
+    if not isinstance(curve, list) or not curve or not all(whole_number(n, 1) for n in curve):
         return [f"curve={curve!r} must be a list of update counts >= 1, e.g. [250, 500, 1000]."]
     train = [str(a) for a in study.get("train", [])] if isinstance(study.get("train", []), list) else []
-    missing = [f"--config {path}" for flag, path in zip(train, train[1:]) if flag == "--config" and not Path(path).is_file()]
+    missing = [f"--config {path}" for flag, path in pairs(train) if flag == "--config" and not Path(path).is_file()]
     if missing:
         return [f"train: {', '.join(missing)}: no such file (paths are relative to where the study runs)."]
     updates, every = train_setting(train, "trainer.max_steps"), train_setting(train, "run.checkpoint_every")
+    if not (whole_number(updates, 1) and whole_number(every, 1)):
+        return []  # not numbers: `wm.probe train` refuses them, before it creates a run
     unreached = [n for n in curve if n > updates or n % every]
     if unreached:
         return [f"curve: no checkpoint at {', '.join(map(str, unreached))} updates: a run trains {updates} updates "
