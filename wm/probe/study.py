@@ -26,7 +26,7 @@ from wm.run.files import atomic_write
 from wm.run.identity import run_name
 from wm.run.tracking import create_store, sqlite_uri
 from wm.run.validation import closest, refuse, task_problems
-from wm.sweep import OBJECTIVE_CONFIGS, objective_configs, run_locally
+from wm.sweep import OBJECTIVE_CONFIGS, objective_configs, read_yaml, run_locally
 
 REQUIRED = ("experiment", "datasets", "objectives", "seeds")
 OPTIONAL = ("root", "data", "blind", "blind_seeds", "curve", "parallel", "workers", "train", "eval")
@@ -52,7 +52,7 @@ def train_setting(train: list[str], key: str):
     value = TRAIN_DEFAULTS.get(key)
     for flag, argument in pairs(train):
         if flag == "--config" and Path(argument).is_file():
-            found = yaml.safe_load(Path(argument).read_text()) or {}
+            found = read_yaml(Path(argument))
             for part in key.split("."):
                 found = found.get(part) if isinstance(found, dict) else None
             value = value if found is None else found
@@ -203,20 +203,22 @@ def study_main(argv: list[str]) -> None:
     finished = {run.info.run_name for run in runs_of(client, experiment) if run.info.status == "FINISHED"}
     to_train = [] if args.probe_only else [command for name, (_, command) in runs.items() if name not in finished]
     failed = run_locally(to_train, args.parallel or study.get("parallel", 1), root / "logs") if to_train else 0
-    done = {run.info.run_name: run.data.tags for run in runs_of(client, experiment)}
-    finished = {run.info.run_name for run in runs_of(client, experiment) if run.info.status == "FINISHED"}
+    known = runs_of(client, experiment)  # after training: what it finished
+    done = {run.info.run_name: run.data.tags for run in known}
+    finished = {run.info.run_name for run in known if run.info.status == "FINISHED"}
     # The probes of the finished runs (a run stopped midway is probed once it has finished: its probe
     # is the end's), then the anchors not yet probed: `wm.probe eval` processes, as many at a time
     # as training runs (logs in <root>/logs/<run>.probe.log).
     evals = {}  # log name -> the eval's arguments
+    evaluation = [str(a) for a in study.get("eval", [])]
     for name, (folder, _) in runs.items():
         checkpoint = root / name / "checkpoints" / "last.ckpt"
         if name in finished and checkpoint.exists() and done[name].get(PROBED_TAG) != str(folder.resolve()):
             curve = ["--curve", *map(str, study["curve"])] if "curve" in study else []
-            evals[f"{name}.probe"] = ["--ckpt", str(checkpoint), "--data", str(folder), *map(str, study.get("eval", [])), *curve]
+            evals[f"{name}.probe"] = ["--ckpt", str(checkpoint), "--data", str(folder), *evaluation, *curve]
     probed = len(evals)
     for folder in datasets:
-        common = ["--data", str(folder), "--experiment", experiment, "--root", str(root), *map(str, study.get("eval", []))]
+        common = ["--data", str(folder), "--experiment", experiment, "--root", str(root), *evaluation]
         anchors = [["--anchor", "true"], ["--anchor", "actions"], *(["--anchor", "noise", "--seed", str(seed)] for seed in seeds),
                    *(["--anchor", "untrained", "--objective", objective, "--seed", str(seeds[0])]  # one seed: the floor
                      for objective in distinct_cores(objectives))]
