@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,38 @@ def test_offline_training_lowers_the_held_out_loss_and_is_a_run(offline):
     with pytest.raises(CheckpointError, match=r"model.optimizer.lr: 0.0003 \(checkpoint\) -> 0.001 \(now\)"):
         train_main([*TRAIN, "--data.dataset", str(Path(run.data.params["data.dataset"])), "--run.root", str(offline),
                     "--ckpt_path", "last", "--model.optimizer.lr", "1e-3"])
+
+
+def test_a_finished_offline_training_extended_trains_on_from_its_last_checkpoint(catch, tmp_path, capsys):
+    """More updates for a finished run: the same run folder and MLflow run, its checkpoints kept, the
+    bar counted in updates, and the training minutes of both sessions, not the time between them."""
+    from wm.probe.report import training_minutes
+
+    args = [*TRAIN, "--data.dataset", str(catch.folder), "--run.root", str(tmp_path), "--trainer.max_steps", "20"]
+    train_main(args)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (first,) = client.search_runs([client.get_experiment_by_name("probe").experiment_id])
+    time.sleep(2)  # the stop between the sessions, which the minutes must not count
+    capsys.readouterr()
+    train_main([*args, "--trainer.max_steps", "40", "--ckpt_path", "last", "--trainer.enable_progress_bar", "true"])
+    out = capsys.readouterr().out
+    assert "World model trained: catch-barlow-s0" in out and "updates: 40 of 40" in out
+    assert re.search(r"Training: 100%.*\| 40/40 updates", out), "the bar counts updates from the resumed run's"
+    checkpoints = tmp_path / "catch-barlow-s0" / "checkpoints"
+    assert {p.name for p in checkpoints.glob("updates=*.ckpt")} == {"updates=20.ckpt", "updates=40.ckpt"}
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 40
+    (run,) = client.search_runs([client.get_experiment_by_name("probe").experiment_id])
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "heldout/loss")) == [19, 39]
+    minutes = client.get_metric_history(run.info.run_id, "train/minutes")
+    assert sorted(m.step for m in minutes) == [20, 40] and minutes[0].value < minutes[1].value
+    wall = (run.info.end_time - first.info.start_time) / 60000
+    assert training_minutes(run) == max(m.value for m in minutes) < wall - 1.5 / 60, "the stop is not counted"
+    # the run's other settings stay refused, with every key a probe resume may change named
+    from wm.run.command import CheckpointError
+
+    with pytest.raises(CheckpointError, match="trainer.max_steps"):
+        train_main([*args, "--trainer.max_steps", "60", "--ckpt_path", "last", "--data.batch_size", "4"])
 
 
 @pytest.mark.slow  # probes and rollouts
@@ -511,3 +544,19 @@ def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, c
                       for seed in (0, 1)])  # one probe per run: its last point is 40 updates
     (row,) = [line for line in text.splitlines() if line.startswith("| paddle | barlow |")]
     assert row.split("|")[4].strip().startswith(f"{paddle:.2f}"), (row, paddle)
+    # The study's updates raised: each finished run is extended from its last checkpoint, under its
+    # own MLflow run, and probed again at its new end; nothing else is trained or probed.
+    config.write_text(yaml.safe_dump({**study, "seeds": [0, 1], "parallel": 2, "curve": [20, 40, 60],
+                                      "train": [*TRAIN, "--trainer.max_steps", "60"]}))
+    study_main(["--config", str(config)])
+    printed = capsys.readouterr().out
+    assert "study study: 4 runs (0 already finished or not trained), 4 probed" in printed
+    extended = {r.info.run_name: r for r in runs_of(client, "study")}
+    for name in ("catch-barlow-s0", "catch-barlow-s1", "catch-anchor_blind_barlow-s0", "catch-anchor_blind_barlow-s1"):
+        run = extended[name]
+        assert run.info.run_id == runs[name].info.run_id and run.info.status == "FINISHED"
+        assert run.data.tags["wm.probe.updates"] == "60"
+        assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "probe/curve/overall/r2")}) == [20, 40, 60]
+    assert extended["catch-anchor_noise-s0"].info.end_time == runs["catch-anchor_noise-s0"].info.end_time
+    study_main(["--config", str(config)])
+    assert "study study: 4 runs (4 already finished or not trained), 0 probed" in capsys.readouterr().out

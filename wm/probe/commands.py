@@ -24,6 +24,7 @@ from wm.sweep import OBJECTIVE_CONFIGS, objective_configs
 ANCHORS = ("true", "noise", "untrained", "actions")
 GAIN_KEY = "probe_gain/over_actions"  # a probed run's overall R² minus its dataset's actions anchor
 PROBED_TAG = "wm.probe.dataset"  # on a run whose checkpoint was probed: the dataset it was probed on
+PROBED_UPDATES_TAG = "wm.probe.updates"  # ... and the updates its checkpoint had taken (an extended run is probed again)
 ANCHOR_TAG = "wm.probe.anchor"
 
 
@@ -110,8 +111,10 @@ def anchor_result(args, dataset: ProbeDataset) -> evaluate.ProbeResult:
     return evaluate.fit_probes(train, held, dataset, names=("both",))
 
 
-def log_result(uri: str, run_id: str, result: evaluate.ProbeResult, files: list[Path], dataset: ProbeDataset) -> None:
-    """The probe's numbers into an MLflow run (the rollout curves with the horizon as the step)."""
+def log_result(uri: str, run_id: str, result: evaluate.ProbeResult, files: list[Path], dataset: ProbeDataset,
+               updates: int | None = None) -> None:
+    """The probe's numbers into an MLflow run (the rollout curves with the horizon as the step);
+    `updates`: those of the checkpoint probed."""
     client, now = MlflowClient(uri), int(time.time() * 1000)
     points = [Metric(key, value, now, 0) for key, value in evaluate.metrics(result).items()]
     for group, curve in result.rollout_r2.items():
@@ -120,6 +123,8 @@ def log_result(uri: str, run_id: str, result: evaluate.ProbeResult, files: list[
     for start in range(0, len(points), 500):
         client.log_batch(run_id, metrics=points[start : start + 500])
     client.set_tag(run_id, PROBED_TAG, str(dataset.folder.resolve()))
+    if updates is not None:
+        client.set_tag(run_id, PROBED_UPDATES_TAG, str(updates))
     client.set_tag(run_id, evaluate.NOT_COUNTED_TAG, json.dumps(result.not_counted))
     if result.action_lags is not None:
         client.log_param(run_id, "anchor.action_lags", result.action_lags)
@@ -217,7 +222,7 @@ def eval_main(argv: list[str]) -> None:
         uri, run_id = record["config"]["run"]["tracking_uri"], record["run_id"]
     else:
         uri, run_id = anchor_run(args, dataset)
-    log_result(uri, run_id, result, files, dataset)
+    log_result(uri, run_id, result, files, dataset, checkpoint.get("global_step") if args.ckpt is not None else None)
     if gain is not None:
         MlflowClient(uri).log_metric(run_id, GAIN_KEY, gain)
     if curve:

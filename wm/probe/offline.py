@@ -36,7 +36,7 @@ from wm.objectives import DEFAULT_OBJECTIVE, Objective, make_objective, objectiv
 from wm.model.optim import OptimizerConfig, guarded_step
 from wm.probe.dataset import STATE_PREFIX, ProbeDataset
 from wm.run.command import RunCLI, RunConfig
-from wm.run.identity import run_name
+from wm.run.identity import RESUMABLE, run_name
 from wm.model.sizes import model_size, parameter_table
 from wm.agent.world_model import WorldModel, WorldModelConfig
 
@@ -177,6 +177,9 @@ class ProbeDataModule(L.LightningDataModule):
 
 # The checkpoints are meant to hold the state after each update, which is what Lightning warns about.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# A resumed run draws its batches from the data module's generator, which the checkpoint restores;
+# Lightning cannot see that and warns that the endless loader is not resumable.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class UpdateProgressBar(TQDMProgressBar):
@@ -188,6 +191,23 @@ class UpdateProgressBar(TQDMProgressBar):
                     dynamic_ncols=True, file=sys.stdout, smoothing=0.05,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} updates [{elapsed}<{remaining}, "
                                "{rate_fmt}{postfix}]")
+
+    def on_train_start(self, trainer: L.Trainer, *_) -> None:
+        super().on_train_start(trainer)
+        self.count_updates(trainer)  # a run resumed within its epoch starts no epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        super().on_train_epoch_start(trainer)
+        self.count_updates(trainer)
+
+    def count_updates(self, trainer: L.Trainer) -> None:
+        """The bar in updates, from where a resumed or extended run starts."""
+        bar = self.train_progress_bar
+        bar.total, bar.initial, bar.n = trainer.max_steps, trainer.global_step, trainer.global_step
+        bar.set_description_str("Training")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
 
     def init_validation_tqdm(self) -> Tqdm:
         bar = super().init_validation_tqdm()
@@ -227,15 +247,54 @@ class TrainingSummary(L.Callback):
         return lines
 
 
+class TrainingClock(L.Callback):
+    """The run's training wall time over all its sessions, kept in its checkpoints and logged as
+    `train/minutes` when training ends: a resumed or extended run's end minus its start would count
+    the time it lay stopped. A run resumed from a checkpoint that kept no clock (an older wm) has no
+    known total, and logs none."""
+
+    def __init__(self):
+        self.seconds: float | None = 0.0  # up to the start of this session
+        self.restored = False
+        self.started = time.monotonic()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds, self.restored = state["seconds"], True
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.total()}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is not None and not self.restored:
+            self.seconds = None
+        self.started = time.monotonic()
+
+    def total(self) -> float | None:
+        return None if self.seconds is None else self.seconds + time.monotonic() - self.started
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.total() is not None and trainer.logger is not None:
+            trainer.logger.log_metrics({"train/minutes": self.total() / 60}, step=trainer.global_step)
+
+
 TRAIN_DEFAULTS = {"trainer.max_steps": 2000, "trainer.log_every_n_steps": 25, "trainer.val_check_interval": 250,
                   "run.checkpoint_every": 500, "model.size": "size1M"}
+
+
+# Why a resume may change the number of updates (and the epoch settings derived from it).
+UPDATES_MAY_CHANGE = ("extends (or shortens) the training; every update is drawn and taken as before (nothing depends "
+                      "on the total: the learning rate's warmup is a fixed number of updates)")
 
 
 class ProbeCLI(RunCLI):
     """The run machinery of `python -m wm fit` for an offline world model: one run folder and MLflow
     run per `<dataset>-<objective>-s<seed>`, checkpoints every `run.checkpoint_every` updates, and a
     resume that refuses a changed config. `trainer.max_steps` is the number of updates, one epoch
-    of them (so the bar has a total and an ETA), with the held-out loss every `val_check_interval`."""
+    of them (so the bar has a total and an ETA), with the held-out loss every `val_check_interval`;
+    a resume may raise it, which extends a finished run from its last checkpoint."""
+
+    resumable = {**RESUMABLE, **dict.fromkeys(("trainer.max_steps", "trainer.limit_train_batches", "trainer.max_epochs"),
+                                              UPDATES_MAY_CHANGE)}
 
     def __init__(self, **kwargs):
         kwargs.setdefault("parser_kwargs", {"prog": "python -m wm.probe train"})
@@ -259,7 +318,9 @@ class ProbeCLI(RunCLI):
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config[self.subcommand].trainer
-        trainer.max_epochs, trainer.limit_train_batches = 1, trainer.max_steps  # the updates as one epoch
+        # The updates as one epoch, which max_steps ends; a run extended after its end (a larger
+        # max_steps) trains them in a second epoch.
+        trainer.max_epochs, trainer.limit_train_batches = -1, trainer.max_steps
         super().before_instantiate_classes()
 
     def fit_callbacks(self, config, run_dir: Path, uri: str) -> list:
@@ -267,7 +328,7 @@ class ProbeCLI(RunCLI):
                                       auto_insert_metric_name=False, save_top_k=-1,
                                       every_n_train_steps=config.run.checkpoint_every)
         bar = [UpdateProgressBar()] if config.trainer.enable_progress_bar is not False else []
-        return [checkpoints, *bar, TrainingSummary(run_dir, uri, config.data.dataset)]
+        return [checkpoints, *bar, TrainingClock(), TrainingSummary(run_dir, uri, config.data.dataset)]
 
 
 def main(args: list[str]) -> None:

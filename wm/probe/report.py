@@ -97,13 +97,24 @@ def load_probed_runs(client: MlflowClient, experiment_id: str, skip_tag: str) ->
                 rollout[key.removeprefix("probe/rollout/").removesuffix("/r2")] = latest_curve(client, run.info.run_id, key)
         curves = {key.removeprefix(CURVE_PREFIX).removesuffix("/r2"): latest_points(client, run.info.run_id, key)
                   for key in metrics if key.startswith(CURVE_PREFIX) and key.endswith("/r2")}
-        minutes = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 60000 if "anchor" not in params else np.nan
+        minutes = training_minutes(run) if "anchor" not in params else np.nan
         found.append(ProbedRun(run.info.run_name, dataset, cell, int(params.get("seed_everything", 0)), r2, rollout,
                                latest_curve(client, run.info.run_id, "probe/rollout/reward_mse"),
                                metrics.get("heldout/loss", float("nan")), minutes,
                                json.loads(run.data.tags.get(NOT_COUNTED_TAG, "{}")),
                                curves))
     return sorted(found, key=lambda r: (r.dataset, r.anchor, r.cell, r.seed))
+
+
+def training_minutes(run) -> float:
+    """A run's training wall time: what its training logged over all its sessions; for a run
+    trained before wm logged it, its end minus its start, unknown (NaN) if it was resumed, as that
+    counts the time it lay stopped."""
+    if "train/minutes" in run.data.metrics:
+        return run.data.metrics["train/minutes"]
+    if any(key.startswith("resumed") for key in run.data.params):
+        return float("nan")
+    return ((run.info.end_time or run.info.start_time) - run.info.start_time) / 60000
 
 
 def interval(values: list[float], reps: int, seed: int = 0) -> tuple[float, float, float]:

@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from mlflow import MlflowClient
 
-from wm.probe.commands import PROBED_TAG, anchor_name, distinct_cores, eval_parser
+from wm.probe.commands import PROBED_TAG, PROBED_UPDATES_TAG, anchor_name, distinct_cores, eval_parser
 from wm.probe.dataset import Collection, ProbeDataset, collect
 from wm.probe.offline import TRAIN_DEFAULTS
 from wm.run.files import atomic_write
@@ -198,22 +199,25 @@ def study_main(argv: list[str]) -> None:
     create_store(root / "mlflow.db")
     (root / "logs").mkdir(exist_ok=True)
     # A study run again (with more objectives or seeds) trains, probes and anchors only what it has
-    # not yet: a finished run is not resumed, which would only move its end (its minutes per run).
+    # not yet: a finished run is not resumed, which would only move its end, unless the study's
+    # updates were raised since (trainer.max_steps): then it is extended from its last checkpoint.
     client = MlflowClient(uri)
-    finished = {run.info.run_name for run in runs_of(client, experiment) if run.info.status == "FINISHED"}
+    target = train_setting([str(a) for a in study.get("train", [])], "trainer.max_steps")
+    finished = finished_runs(runs_of(client, experiment), root, target)
     to_train = [] if args.probe_only else [command for name, (_, command) in runs.items() if name not in finished]
     failed = run_locally(to_train, args.parallel or study.get("parallel", 1), root / "logs") if to_train else 0
     known = runs_of(client, experiment)  # after training: what it finished
     done = {run.info.run_name: run.data.tags for run in known}
-    finished = {run.info.run_name for run in known if run.info.status == "FINISHED"}
-    # The probes of the finished runs (a run stopped midway is probed once it has finished: its probe
-    # is the end's), then the anchors not yet probed: `wm.probe eval` processes, as many at a time
-    # as training runs (logs in <root>/logs/<run>.probe.log).
+    finished = finished_runs(known, root, target)
+    # The probes of the finished runs not yet probed at their updates (a run stopped midway is probed
+    # once it has finished, an extended one again), then the anchors not yet probed: `wm.probe eval`
+    # processes, as many at a time as training runs (logs in <root>/logs/<run>.probe.log).
     evals = {}  # log name -> the eval's arguments
     evaluation = [str(a) for a in study.get("eval", [])]
     for name, (folder, _) in runs.items():
         checkpoint = root / name / "checkpoints" / "last.ckpt"
-        if name in finished and checkpoint.exists() and done[name].get(PROBED_TAG) != str(folder.resolve()):
+        probed = (done.get(name, {}).get(PROBED_TAG), done.get(name, {}).get(PROBED_UPDATES_TAG))
+        if name in finished and probed != (str(folder.resolve()), str(finished[name])):
             curve = ["--curve", *map(str, study["curve"])] if "curve" in study else []
             evals[f"{name}.probe"] = ["--ckpt", str(checkpoint), "--data", str(folder), *evaluation, *curve]
     probed = len(evals)
@@ -239,6 +243,25 @@ def study_main(argv: list[str]) -> None:
     print(f"study {experiment}: {len(runs)} runs ({len(runs) - len(to_train)} already finished or not trained), "
           f"{probed} probed, in {summary['seconds'] / 60:.0f} min; "
           f"report it with: python -m wm.report --experiment {experiment} --tracking-uri {uri} --out {root / 'report'}")
+
+
+def finished_runs(runs: list, root: Path, updates) -> dict[str, int]:
+    """The runs that finished their training, with the updates their last checkpoint took: FINISHED
+    in MLflow with a last.ckpt of at least `updates` (fewer: the study was extended since)."""
+    finished = {}
+    for run in (r for r in runs if r.info.status == "FINISHED"):
+        taken = trained_updates(root / run.info.run_name / "checkpoints" / "last.ckpt")
+        if taken is not None and (not whole_number(updates, 1) or taken >= updates):
+            finished[run.info.run_name] = taken
+    return finished
+
+
+def trained_updates(checkpoint: Path) -> int | None:
+    """The updates a checkpoint's run had taken (None: no checkpoint, or one that does not load)."""
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # missing or damaged: `wm.probe train --ckpt_path last` says which and what to do
+        return None
 
 
 def runs_of(client: MlflowClient, experiment: str) -> list:

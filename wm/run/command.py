@@ -111,7 +111,10 @@ def run_seed(config) -> int:
 class RunCLI(LightningCLI):
     """LightningCLI whose fit is a run: subclasses name the run (`default_run_name`), derive its
     seeds (`derive_seeds`), check a checkpoint before a resume (`check_resume`) and add their
-    callbacks (`fit_callbacks`)."""
+    callbacks (`fit_callbacks`). `resumable`: the settings a resume may change, each with why it
+    does not change what the run trains."""
+
+    resumable: dict[str, str] = RESUMABLE
 
     def __init__(self, model_class, datamodule_class, **kwargs):
         self.record: dict | None = None  # the run record of the checkpoint resumed or evaluated (wm.run.identity)
@@ -242,14 +245,14 @@ class RunCLI(LightningCLI):
                            "check that the config is the run's own")
             return
         changes = [change for change in changed_keys(self.record["config"], self.resolved_config())
-                   if change[0] not in RESUMABLE]
+                   if change[0] not in self.resumable]
         if changes:
             raise CheckpointError(
                 f"--ckpt_path {path}: a resume continues run {self.run_dir().name} under its name and MLflow run, so it "
                 f"must train what the run trained, but these settings differ from the checkpoint's:\n"
                 f"{describe_changes(changes)}\nTo train with the new settings, start a new run: give it another "
                 "--run.name and no --ckpt_path. To resume, give the checkpoint's values. A resume may change only "
-                f"{', '.join(RESUMABLE)}. Nothing was changed.")
+                f"{', '.join(self.resumable)}. Nothing was changed.")
 
     # ------------------------------------------------------------------------------ trainer
     def mlflow_run_id(self, run_dir: Path) -> str | None:
