@@ -16,13 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from mlflow import MlflowClient
 
 from wm.probe.commands import PROBED_TAG, PROBED_UPDATES_TAG, anchor_name, distinct_cores, eval_parser
 from wm.probe.dataset import Collection, ProbeDataset, collect
 from wm.probe.offline import TRAIN_DEFAULTS
+from wm.run.command import CheckpointError, read_checkpoint
 from wm.run.files import atomic_write
 from wm.run.identity import run_name
 from wm.run.tracking import create_store, sqlite_uri
@@ -216,8 +216,8 @@ def study_main(argv: list[str]) -> None:
     evaluation = [str(a) for a in study.get("eval", [])]
     for name, (folder, _) in runs.items():
         checkpoint = root / name / "checkpoints" / "last.ckpt"
-        probed = (done.get(name, {}).get(PROBED_TAG), done.get(name, {}).get(PROBED_UPDATES_TAG))
-        if name in finished and probed != (str(folder.resolve()), str(finished[name])):
+        tagged = (done.get(name, {}).get(PROBED_TAG), done.get(name, {}).get(PROBED_UPDATES_TAG))
+        if name in finished and tagged != (str(folder.resolve()), str(finished[name])):
             curve = ["--curve", *map(str, study["curve"])] if "curve" in study else []
             evals[f"{name}.probe"] = ["--ckpt", str(checkpoint), "--data", str(folder), *evaluation, *curve]
     probed = len(evals)
@@ -259,8 +259,8 @@ def finished_runs(runs: list, root: Path, updates) -> dict[str, int]:
 def trained_updates(checkpoint: Path) -> int | None:
     """The updates a checkpoint's run had taken (None: no checkpoint, or one that does not load)."""
     try:
-        return int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # missing or damaged: `wm.probe train --ckpt_path last` says which and what to do
+        return int(read_checkpoint(checkpoint)["global_step"])
+    except CheckpointError:  # missing or damaged: `wm.probe train --ckpt_path last` says which and what to do
         return None
 
 
