@@ -410,6 +410,17 @@ def test_the_open_loop_mean_keeps_the_same_groups_at_every_horizon():
     np.testing.assert_allclose(curve, [0.5, 0.4, 0.3])
 
 
+def test_each_kind_of_free_anchor_has_its_own_line_in_the_curve_figures():
+    """The actions and noise both lie near zero on some datasets: their lines must not look alike."""
+    from wm.probe.report import ANCHOR_ORDER, anchor_line, free_anchor
+
+    kinds = [kind for kind in ANCHOR_ORDER if free_anchor(kind)]
+    lines = [anchor_line(kind) for kind in kinds]
+    assert len({colour for colour, _ in lines}) == len({str(style) for _, style in lines}) == len(kinds) == 4
+    assert anchor_line("anchor_blind_mudreamer") == anchor_line("anchor_blind")
+    assert anchor_line("anchor_untrained_reconstruction") == anchor_line("anchor_untrained")
+
+
 def test_probe_help_exits_0_and_a_missing_command_exits_2():
     import subprocess
     import sys

@@ -30,9 +30,22 @@ ANCHOR_ORDER = ("anchor_true", "anchor_actions", "anchor_blind", "anchor_untrain
 FEATURE_SUFFIXES = ("_embed", "_deter", "_stoch")  # r2 keys of the other feature sets than (h, z)
 
 
+# Each kind of free anchor its own colour and dash in the curve figures, so that the actions (the anchor a claim
+# is usually measured against) cannot be taken for noise: both lie near zero on some datasets.
+ANCHOR_LINES = {"anchor_actions": ("black", "--"), "anchor_blind": ("tab:brown", "-."),
+                "anchor_untrained": ("grey", ":"), "anchor_noise": ("darkgrey", (0, (1, 4)))}
+
+
+def anchor_line(cell: str) -> tuple[str, object]:
+    """The colour and line style of a free anchor's horizontal line (cells `anchor_blind_<objective>` by their kind)."""
+    return next(line for kind, line in ANCHOR_LINES.items() if cell == kind or cell.startswith(kind + "_"))
+
+
 def free_anchor(cell: str) -> bool:
     """An anchor that needs no learning from the images: every anchor but the true state."""
     return cell.startswith("anchor_") and cell != "anchor_true"
+
+
 HORIZONS = (0, 1, 5, 10, 15)
 CURVE_PREFIX = "probe/curve/"  # `probe/curve/<overall or group>/r2`: a run's checkpoints probed over training, updates as the step
 
@@ -318,9 +331,9 @@ def plot_curves(rows: list[dict], runs: list[ProbedRun], dataset: str, path: Pat
             axes.plot(steps, [points.get(n, (np.nan,))[0] for n in steps], marker="o", color=colours(i % 10), label=row["cell"])
             if len(per_seed) > 1:
                 axes.fill_between(steps, np.nanmin(per_seed, 0), np.nanmax(per_seed, 0), color=colours(i % 10), alpha=0.2)
-        anchors = [r for r in here if free_anchor(r["cell"]) and not r["curves"]]
-        for row, style in zip(anchors, ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)))):
-            axes.axhline(row["r2"][panel][0], color="grey", ls=style, lw=1, label=f"{row['cell']} (free)")
+        for row in (r for r in here if free_anchor(r["cell"]) and not r["curves"]):
+            colour, style = anchor_line(row["cell"])
+            axes.axhline(row["r2"][panel][0], color=colour, ls=style, lw=1.2, label=f"{row['cell']} (free)")
         axes.set_xscale("log")
         axes.set_xticks(steps, [f"{n:,}" for n in steps])
         axes.minorticks_off()
