@@ -357,7 +357,10 @@ def test_anchors_span_the_scale_from_noise_to_the_true_state(catch, tmp_path):
         eval_main(["--anchor", anchor, "--data", str(catch.folder), "--root", str(root), "--experiment", "anchors",
                    "--observe", "1", "--horizon", "3"])
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    runs = {r.data.params["anchor"]: r.data.metrics for r in client.search_runs([client.get_experiment_by_name("anchors").experiment_id])}
+    found = client.search_runs([client.get_experiment_by_name("anchors").experiment_id])
+    assert {(r.info.status, r.info.end_time is not None) for r in found} == {("FINISHED", True)}, "an anchor's run ends"
+    runs = {r.data.params["anchor"]: r.data.metrics for r in found}
+    runs_before = {r.data.params["anchor"]: r for r in found}
     assert runs["true"]["probe/overall/r2"] > 0.999
     assert abs(runs["noise"]["probe/overall/r2"]) < 0.05
     assert 0.05 < runs["untrained"]["probe/overall/r2"] < runs["true"]["probe/overall/r2"]
@@ -367,6 +370,7 @@ def test_anchors_span_the_scale_from_noise_to_the_true_state(catch, tmp_path):
     (actions,) = client.search_runs([client.get_experiment_by_name("anchors").experiment_id], "params.anchor = 'actions'")
     assert int(actions.data.params["anchor.action_lags"]) in evaluate.ACTION_LAGS
     assert actions.info.run_name == "catch-anchor_actions-s0"
+    assert actions.info.status == "FINISHED" and actions.info.end_time > runs_before["actions"].info.end_time
 
 
 @pytest.mark.slow  # a fit, then probes
@@ -571,3 +575,9 @@ def test_a_study_run_again_trains_and_probes_only_what_is_new(catch, tmp_path, c
     assert extended["catch-anchor_noise-s0"].info.end_time == runs["catch-anchor_noise-s0"].info.end_time
     study_main(["--config", str(config)])
     assert "study study: 4 runs (4 already finished or not trained), 0 probed" in capsys.readouterr().out
+    # An anchor whose probe did not end (its process killed midway) is probed again by the next call, and ends.
+    client.update_run(extended["catch-anchor_actions-s0"].info.run_id, status="RUNNING")
+    study_main(["--config", str(config)])
+    assert re.search(r"^1 of 1 probes finished$", capsys.readouterr().out, re.M)
+    actions = {r.info.run_name: r for r in runs_of(client, "study")}["catch-anchor_actions-s0"]
+    assert actions.info.status == "FINISHED" and actions.info.end_time > extended["catch-anchor_actions-s0"].info.end_time

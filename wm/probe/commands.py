@@ -229,6 +229,8 @@ def eval_main(argv: list[str]) -> None:
         now = int(time.time() * 1000)
         MlflowClient(uri).log_batch(run_id, metrics=[Metric(f"probe/curve/{key}", r2, now, updates)
                                                      for updates, point in curve.items() for key, r2 in point.items()])
+    if args.ckpt is None:  # an anchor's run is this command's own (a checkpoint's is its training's): done, it ends here
+        MlflowClient(uri).set_terminated(run_id, "FINISHED")
     print(f"  logged to MLflow run {run_id} in {uri}")
 
 

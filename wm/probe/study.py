@@ -208,6 +208,7 @@ def study_main(argv: list[str]) -> None:
     failed = run_locally(to_train, args.parallel or study.get("parallel", 1), root / "logs") if to_train else 0
     known = runs_of(client, experiment)  # after training: what it finished
     done = {run.info.run_name: run.data.tags for run in known}
+    ended = {run.info.run_name for run in known if run.info.status == "FINISHED"}
     finished = finished_runs(known, root, target)
     # The probes of the finished runs not yet probed at their updates (a run stopped midway is probed
     # once it has finished, an extended one again), then the anchors not yet probed: `wm.probe eval`
@@ -229,7 +230,7 @@ def study_main(argv: list[str]) -> None:
         dataset = ProbeDataset(folder)
         for anchor in anchors:
             name = anchor_name(eval_parser().parse_args([*common, *anchor]), dataset)
-            if name not in done:
+            if name not in ended:  # new, or a probe that did not end (killed midway, or by a wm whose anchor runs never ended)
                 evals[f"{name}.probe"] = [*common, *anchor]
     failed_evals = run_locally([[sys.executable, "-m", "wm.probe", "eval", *argv] for argv in evals.values()],
                                args.parallel or study.get("parallel", 1), root / "logs", names=list(evals), what="probes")
