@@ -36,9 +36,14 @@ ANCHOR_LINES = {"anchor_actions": ("black", "--"), "anchor_blind": ("tab:brown",
                 "anchor_untrained": ("grey", ":"), "anchor_noise": ("darkgrey", (0, (1, 4)))}
 
 
+def anchor_kind(cell: str) -> str:
+    """The entry of ANCHOR_ORDER an anchor's cell is of (`anchor_blind_<objective>` -> `anchor_blind`)."""
+    return next(kind for kind in ANCHOR_ORDER if cell == kind or cell.startswith(kind + "_"))
+
+
 def anchor_line(cell: str) -> tuple[str, object]:
-    """The colour and line style of a free anchor's horizontal line (cells `anchor_blind_<objective>` by their kind)."""
-    return next(line for kind, line in ANCHOR_LINES.items() if cell == kind or cell.startswith(kind + "_"))
+    """The colour and line style of a free anchor's horizontal line."""
+    return ANCHOR_LINES[anchor_kind(cell)]
 
 
 def free_anchor(cell: str) -> bool:
@@ -145,7 +150,7 @@ def interval(values: list[float], reps: int, seed: int = 0) -> tuple[float, floa
 def cell_order(cells: set[str]) -> list[str]:
     objectives = sorted(c for c in cells if not c.startswith("anchor_"))
     anchors = sorted((c for c in cells if c.startswith("anchor_")),
-                     key=lambda c: (next(i for i, a in enumerate(ANCHOR_ORDER) if c.startswith(a)), c))
+                     key=lambda c: (ANCHOR_ORDER.index(anchor_kind(c)), c))
     return objectives + anchors
 
 
